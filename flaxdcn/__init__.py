@@ -1,0 +1,7 @@
+"""flaxdcn: deformable convolution, deformable RoI pooling and Deformable Kernels for JAX/Flax."""
+
+from flaxdcn.linen.conv import DeformConv as DeformConv
+from flaxdcn.linen.conv import ModulatedDeformConv as ModulatedDeformConv
+from flaxdcn.ops.deform_conv import deform_conv2d as deform_conv2d
+
+__version__ = "0.1.0"

@@ -1,0 +1,142 @@
+"""Argument normalisation and checks shared by every public op.
+
+Everything here runs on static shapes before anything is traced, so a bad call fails with a
+``ValueError``/``TypeError`` that names the argument, the shape it got and the shape it expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal, Union
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Implementation = Literal["xla", "ffi"]
+IMPLEMENTATIONS = ("xla", "ffi")
+
+PaddingLike = Union[str, int, Sequence[int], Sequence[tuple[int, int]]]
+
+
+def pair(value: Any, name: str, *, fn: str, minimum: int = 1) -> tuple[int, int]:
+  """Returns ``value`` as a pair of ints (an int is used for both axes)."""
+  if isinstance(value, (int, np.integer)):
+    out = (int(value), int(value))
+  else:
+    try:
+      out = tuple(int(v) for v in value)
+    except TypeError:
+      raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}.") from None
+    if len(out) != 2 or any(not isinstance(v, (int, np.integer)) for v in value):
+      raise ValueError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}.")
+  if min(out) < minimum:
+    raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value!r}.")
+  return out
+
+
+def check_implementation(implementation: str | None, *, fn: str) -> None:
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"{fn}: implementation must be None, 'xla' or 'ffi', got {implementation!r}.")
+
+
+def padding_pairs(padding: PaddingLike, in_size: tuple[int, int], window: tuple[int, int],
+                  strides: tuple[int, int], *, fn: str) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Explicit ``((lo, hi), (lo, hi))`` padding with ``lax.conv_general_dilated``'s meaning.
+
+  Args:
+    padding: ``"SAME"``, ``"VALID"`` (``"SAME_LOWER"`` too), an int, a pair of ints (symmetric per
+      axis) or a pair of ``(lo, hi)`` pairs.
+    in_size: spatial input size ``(H, W)``.
+    window: the dilated kernel extent ``((kh - 1) * dh + 1, (kw - 1) * dw + 1)``.
+    strides: ``(sh, sw)``.
+  """
+  if isinstance(padding, str):
+    try:
+      pads = lax.padtype_to_pads(in_size, window, strides, padding.upper())
+    except (RuntimeError, ValueError, KeyError) as e:
+      raise ValueError(
+          f"{fn}: padding must be 'SAME', 'VALID', an int, (int, int) or "
+          f"((lo, hi), (lo, hi)), got {padding!r}.") from e
+    return tuple((int(lo), int(hi)) for lo, hi in pads)  # type: ignore[return-value]
+  if isinstance(padding, (int, np.integer)):
+    return ((int(padding),) * 2,) * 2  # type: ignore[return-value]
+  try:
+    items = list(padding)
+  except TypeError:
+    items = []
+  if len(items) == 2 and all(isinstance(p, (int, np.integer)) for p in items):
+    return tuple((int(p), int(p)) for p in items)  # type: ignore[return-value]
+  if (len(items) == 2
+      and all(isinstance(p, Sequence) and len(p) == 2 for p in items)
+      and all(isinstance(v, (int, np.integer)) for p in items for v in p)):
+    return tuple((int(lo), int(hi)) for lo, hi in items)  # type: ignore[return-value]
+  raise ValueError(
+      f"{fn}: padding must be 'SAME', 'VALID', an int, (int, int) or ((lo, hi), (lo, hi)), "
+      f"got {padding!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+  """Static geometry of one deformable convolution (hashable: used as a static argument).
+
+  Sample point of output ``(y, x)`` and kernel point ``(i, j)``::
+
+    h = y * strides[0] - padding[0][0] + i * dilation[0] + dy
+    w = x * strides[1] - padding[1][0] + j * dilation[1] + dx
+  """
+  in_size: tuple[int, int]
+  out_size: tuple[int, int]
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int]
+  padding: tuple[tuple[int, int], tuple[int, int]]
+  dilation: tuple[int, int]
+  offset_groups: int
+
+  @property
+  def num_kernel_points(self) -> int:
+    return self.kernel_size[0] * self.kernel_size[1]
+
+  @classmethod
+  def create(cls, in_size: tuple[int, int], kernel_size: tuple[int, int], strides: Any,
+             padding: PaddingLike, dilation: Any, offset_groups: int, *, fn: str) -> "ConvGeometry":
+    strides = pair(strides, "strides", fn=fn)
+    dilation = pair(dilation, "kernel_dilation", fn=fn)
+    window = tuple((k - 1) * d + 1 for k, d in zip(kernel_size, dilation))
+    pads = padding_pairs(padding, in_size, window, strides, fn=fn)
+    out_size = tuple(
+        (n + lo + hi - w) // s + 1 if n + lo + hi >= w else 0
+        for n, (lo, hi), w, s in zip(in_size, pads, window, strides))
+    if min(out_size) < 1:
+      raise ValueError(
+          f"{fn}: the padded input {tuple(n + lo + hi for n, (lo, hi) in zip(in_size, pads))} is "
+          f"smaller than the dilated kernel {window}; the output would be empty "
+          f"(input spatial size {in_size}, padding {pads}).")
+    return cls(tuple(in_size), out_size, tuple(kernel_size), strides, pads, dilation,
+               int(offset_groups))  # type: ignore[arg-type]
+
+
+def shape_error(fn: str, name: str, got: tuple[int, ...], expected: str, why: str = "") -> ValueError:
+  why = f" ({why})" if why else ""
+  return ValueError(f"{fn}: {name} has shape {tuple(got)}, expected {expected}{why}.")
+
+
+def result_dtype(fn: str, **arrays: Any) -> jnp.dtype:
+  """The promoted floating dtype of the named arrays (``None`` entries are skipped).
+
+  Raises:
+    TypeError: when any of them is not floating point.
+  """
+  present = {k: v for k, v in arrays.items() if v is not None}
+  for name, value in present.items():
+    dtype = jnp.result_type(value)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"{fn}: {name} must be a floating-point array, got dtype {dtype}.")
+  return jnp.result_type(*present.values())
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+  """Dtype of sampling coordinates and accumulation: float32 for 16/32-bit, float64 for float64."""
+  return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)

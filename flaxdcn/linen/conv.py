@@ -1,0 +1,174 @@
+"""Flax linen modules for deformable convolution (DCNv1 and DCNv2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+from flaxdcn._geometry import PaddingLike
+from flaxdcn.ops.deform_conv import deform_conv2d
+
+Array = jax.Array
+Dtype = Any
+Initializer = Any
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+class _DeformConvBase(nn.Module):
+  """Shared attributes and the forward pass of :class:`DeformConv` and
+  :class:`ModulatedDeformConv`; subclasses choose whether the offset head also predicts a mask."""
+
+  features: int
+  kernel_size: int | Sequence[int]
+  strides: int | Sequence[int] = 1
+  padding: PaddingLike = "SAME"
+  kernel_dilation: int | Sequence[int] = 1
+  feature_group_count: int = 1
+  use_bias: bool = True
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  precision: Any = None
+  kernel_init: Initializer = default_kernel_init
+  bias_init: Initializer = nn.initializers.zeros_init()
+  offset_group_count: int = 1
+  implementation: str | None = None
+
+  modulated = False
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    """Applies the deformable convolution.
+
+    Args:
+      inputs: ``[*batch, H, W, C]``, channels last. Batch dimensions are flattened into one (none
+        at all is allowed, as in ``flax.linen.Conv``).
+
+    Returns:
+      ``[*batch, Ho, Wo, features]``.
+    """
+    kernel_size = ((self.kernel_size,) * 2 if isinstance(self.kernel_size, int)
+                   else tuple(self.kernel_size))
+    if len(kernel_size) != 2:
+      raise ValueError(f"{type(self).__name__}: kernel_size must be an int or a pair, got "
+                       f"{self.kernel_size!r}.")
+    if inputs.ndim < 3:
+      raise ValueError(f"{type(self).__name__}: inputs has shape {inputs.shape}, expected "
+                       "[*batch, H, W, C].")
+    batch_shape = inputs.shape[:-3]
+    inputs = inputs.reshape((-1,) + inputs.shape[-3:])
+
+    in_features = inputs.shape[-1]
+    if in_features % self.feature_group_count:
+      raise ValueError(f"{type(self).__name__}: inputs has {in_features} channels, not divisible "
+                       f"by feature_group_count={self.feature_group_count}.")
+    kernel = self.param("kernel", self.kernel_init,
+                        kernel_size + (in_features // self.feature_group_count, self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+
+    k = kernel_size[0] * kernel_size[1] * self.offset_group_count
+    head = nn.Conv(
+        (3 if self.modulated else 2) * k, kernel_size, strides=self.strides,
+        padding=self.padding, kernel_dilation=self.kernel_dilation, dtype=self.dtype,
+        param_dtype=self.param_dtype, precision=self.precision,
+        kernel_init=nn.initializers.zeros_init(), bias_init=nn.initializers.zeros_init(),
+        name="conv_offset")(inputs)
+    offsets, mask = head[..., :2 * k], None
+    if self.modulated:
+      mask = jax.nn.sigmoid(head[..., 2 * k:])
+
+    inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    offsets = offsets.astype(inputs.dtype)
+    mask = None if mask is None else mask.astype(inputs.dtype)
+    y = deform_conv2d(
+        inputs, offsets, kernel, mask, bias, strides=self.strides, padding=self.padding,
+        kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count,
+        offset_group_count=self.offset_group_count, precision=self.precision,
+        implementation=self.implementation)
+    return y.reshape(batch_shape + y.shape[1:])
+
+
+class DeformConv(_DeformConvBase):
+  """Deformable convolution (DCNv1) with its own offset head.
+
+  A zero-initialised convolution ``conv_offset`` with the main convolution's geometry predicts the
+  offsets from the same input, so at initialisation the layer equals ``flax.linen.Conv`` with the
+  same ``kernel`` and ``bias``. Parameter layout follows mmcv's ``DeformConv2dPack`` with the
+  channel axis moved last, so PyTorch checkpoints convert by an OIHW -> HWIO transpose.
+
+  Example usage::
+
+    >>> import jax, jax.numpy as jnp
+    >>> import flaxdcn
+    >>> layer = flaxdcn.DeformConv(features=8, kernel_size=(3, 3))
+    >>> x = jnp.ones((2, 16, 16, 4))
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> jax.tree_util.tree_map(jnp.shape, variables)
+    {'params': {'bias': (8,), 'conv_offset': {'bias': (18,), 'kernel': (3, 3, 4, 18)}, 'kernel': (3, 3, 4, 8)}}
+    >>> layer.apply(variables, x).shape
+    (2, 16, 16, 8)
+
+  Attributes:
+    features: number of output channels.
+    kernel_size: int or ``(kh, kw)``.
+    strides: int or ``(sh, sw)`` (default 1).
+    padding: ``"SAME"`` (default), ``"VALID"``, an int, ``(ph, pw)`` or ``((lo, hi), (lo, hi))``.
+    kernel_dilation: int or ``(dh, dw)`` (default 1).
+    feature_group_count: groups of input channels, each with its own kernel slice (default 1).
+    use_bias: whether to add a bias (default True).
+    dtype: the dtype of the computation (default: inferred from inputs and params).
+    param_dtype: the dtype of the parameters (default float32).
+    precision: precision of the matrix products (``jax.lax.Precision``).
+    kernel_init: initialiser of ``kernel`` ``[kh, kw, C // feature_group_count, features]``.
+    bias_init: initialiser of ``bias`` ``[features]``.
+    offset_group_count: groups of input channels that share one set of offsets (default 1).
+    implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.deform_conv2d`).
+  """
+
+
+class ModulatedDeformConv(_DeformConvBase):
+  """Modulated deformable convolution (DCNv2) with its own offset-and-mask head.
+
+  The zero-initialised head ``conv_offset`` predicts ``3 * G * kh * kw`` channels: the first
+  ``2 * G * kh * kw`` are the offsets, the rest pass through a sigmoid to give the mask (mmcv's
+  ``ModulatedDeformConv2dPack`` layout). At initialisation every mask value is sigmoid(0) = 0.5, so
+  the layer equals 0.5 x the plain convolution term + bias.
+
+  Example usage::
+
+    >>> import jax, jax.numpy as jnp
+    >>> import flaxdcn
+    >>> layer = flaxdcn.ModulatedDeformConv(features=8, kernel_size=(3, 3))
+    >>> x = jnp.ones((2, 16, 16, 4))
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> jax.tree_util.tree_map(jnp.shape, variables)
+    {'params': {'bias': (8,), 'conv_offset': {'bias': (27,), 'kernel': (3, 3, 4, 27)}, 'kernel': (3, 3, 4, 8)}}
+    >>> layer.apply(variables, x).shape
+    (2, 16, 16, 8)
+
+  Attributes:
+    features: number of output channels.
+    kernel_size: int or ``(kh, kw)``.
+    strides: int or ``(sh, sw)`` (default 1).
+    padding: ``"SAME"`` (default), ``"VALID"``, an int, ``(ph, pw)`` or ``((lo, hi), (lo, hi))``.
+    kernel_dilation: int or ``(dh, dw)`` (default 1).
+    feature_group_count: groups of input channels, each with its own kernel slice (default 1).
+    use_bias: whether to add a bias (default True).
+    dtype: the dtype of the computation (default: inferred from inputs and params).
+    param_dtype: the dtype of the parameters (default float32).
+    precision: precision of the matrix products (``jax.lax.Precision``).
+    kernel_init: initialiser of ``kernel`` ``[kh, kw, C // feature_group_count, features]``.
+    bias_init: initialiser of ``bias`` ``[features]``.
+    offset_group_count: groups of input channels that share one set of offsets and mask
+      (default 1).
+    implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.deform_conv2d`).
+  """
+
+  modulated = True

@@ -1,0 +1,142 @@
+"""Pure-jnp deformable sampling (``implementation="xla"``): offsets + bilinear + mask -> columns.
+
+Runs anywhere XLA runs. The structure follows DESIGN §3: a cheap *plan* (corner indices and
+bilinear weights, once per (position, kernel point, offset group), in the compute dtype) and a
+*gather* of contiguous channel vectors weighted by the plan. The gather has its own VJP (weight
+gradients by channel reductions, input gradient by one scatter-add), so XLA never differentiates
+through the gather index arithmetic; gradients reach offsets and mask through the plan by plain AD.
+
+Boundary rule: the image is padded by one zero pixel on every side, so a corner at row -1 or row H
+(column -1 or W) reads 0; a sample with ``h <= -1 or h >= H or w <= -1 or w >= W`` (NaN included)
+gets all-zero weights and its coordinates are replaced by 0 before any arithmetic, so huge, Inf or
+NaN offsets never produce out-of-range indices or NaN gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from flaxdcn._geometry import ConvGeometry, compute_dtype
+
+
+def sample_grid(geometry: ConvGeometry, dtype) -> tuple[jax.Array, jax.Array]:
+  """Undeformed sample coordinates, broadcastable to ``[Ho, Wo, kh, kw]``."""
+  (ho, wo), (kh, kw) = geometry.out_size, geometry.kernel_size
+  (sh, sw), (dh, dw) = geometry.strides, geometry.dilation
+  (ph, _), (pw, _) = geometry.padding
+  h = (jnp.arange(ho) * sh - ph)[:, None, None, None] + (jnp.arange(kh) * dh)[None, None, :, None]
+  w = (jnp.arange(wo) * sw - pw)[None, :, None, None] + (jnp.arange(kw) * dw)[None, None, None, :]
+  return h.astype(dtype), w.astype(dtype)
+
+
+def bilinear_plan(h: jax.Array, w: jax.Array, mask: jax.Array | None, size: tuple[int, int]
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Corner indices into the 1-padded, flattened image and their weights.
+
+  Args:
+    h, w: sample coordinates (any shape ``S``) in the unpadded image.
+    mask: modulation broadcastable to ``S``, or None.
+    size: ``(H, W)`` of the unpadded image.
+
+  Returns:
+    ``index`` int32 ``S + [4]`` (corners (h0, w0), (h0, w0+1), (h0+1, w0), (h0+1, w0+1)) and
+    ``weight`` ``S + [4]`` in the dtype of ``h`` (bilinear weight times mask; 0 for dropped samples).
+  """
+  height, width = size
+  valid = (h > -1) & (h < height) & (w > -1) & (w < width)
+  h = jnp.where(valid, h, 0)
+  w = jnp.where(valid, w, 0)
+  h0, w0 = jnp.floor(h), jnp.floor(w)
+  lh, lw = h - h0, w - w0
+  scale = valid.astype(h.dtype) if mask is None else jnp.where(valid, mask.astype(h.dtype), 0)
+  hh, hw = (1 - lh) * scale, lh * scale
+  weight = jnp.stack([hh * (1 - lw), hh * lw, hw * (1 - lw), hw * lw], axis=-1)
+  # int32 is wide enough: indices address one padded image, (H + 2) * (W + 2) < 2**31.
+  top_left = (h0.astype(jnp.int32) + 1) * (width + 2) + (w0.astype(jnp.int32) + 1)
+  index = top_left[..., None] + jnp.array([0, 1, width + 2, width + 3], jnp.int32)
+  return index, weight
+
+
+@jax.custom_vjp
+def gather_columns(image: jax.Array, index: jax.Array, weight: jax.Array) -> jax.Array:
+  """``out[n, p, g] = sum_q weight[n, p, g, q] * image[n, index[n, p, g, q], g]``.
+
+  Args:
+    image: ``[N, L, G, Cg]`` flattened padded image, channels split into offset groups.
+    index: ``[N, P, G, 4]`` int32 rows of ``image``.
+    weight: ``[N, P, G, 4]`` weights in the compute dtype.
+
+  Returns:
+    ``[N, P, G, Cg]`` in ``image.dtype`` (accumulated in ``weight.dtype``).
+  """
+  return _gather_columns(image, index, weight)
+
+
+def _per_image_and_group(fn):
+  """vmaps ``fn(image [L, Cg], index [P, 4], ...)`` over the batch and offset-group axes."""
+  over_groups = jax.vmap(fn, in_axes=1, out_axes=1)
+  return jax.vmap(over_groups)
+
+
+def _gather_columns(image, index, weight):
+  def one(img, idx, wts):
+    acc = sum(img[idx[:, q]] * wts[:, q, None] for q in range(4))
+    return acc.astype(img.dtype)
+  return _per_image_and_group(one)(image, index, weight)
+
+
+def _gather_columns_fwd(image, index, weight):
+  return _gather_columns(image, index, weight), (image, index, weight)
+
+
+def _gather_columns_bwd(residuals, cotangent):
+  image, index, weight = residuals
+  acc_dtype = weight.dtype
+
+  def one(img, idx, wts, g):
+    grad_weight = jnp.stack(
+        [jnp.einsum("pc,pc->p", img[idx[:, q]], g, preferred_element_type=acc_dtype)
+         for q in range(4)], axis=-1)
+    g = g.astype(acc_dtype)
+    grad_image = jnp.zeros(img.shape, acc_dtype)
+    for q in range(4):
+      grad_image = grad_image.at[idx[:, q]].add(g * wts[:, q, None], indices_are_sorted=False,
+                                                unique_indices=False)
+    return grad_image.astype(img.dtype), grad_weight.astype(wts.dtype)
+
+  grad_image, grad_weight = _per_image_and_group(one)(image, index, weight, cotangent)
+  return grad_image, None, grad_weight
+
+
+gather_columns.defvjp(_gather_columns_fwd, _gather_columns_bwd)
+
+
+def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
+                  geometry: ConvGeometry) -> jax.Array:
+  """Deformable im2col: ``[N, H, W, C]`` -> columns ``[N, Ho, Wo, kh * kw, C]``.
+
+  ``offsets`` is ``[N, Ho, Wo, G * kh * kw * 2]`` in (g, i, j, (dy, dx)) order and ``mask``
+  ``[N, Ho, Wo, G * kh * kw]`` or None; all three share one floating dtype. Columns are in that dtype.
+  """
+  n, height, width, channels = inputs.shape
+  (ho, wo), (kh, kw), groups = geometry.out_size, geometry.kernel_size, geometry.offset_groups
+  cdt = compute_dtype(inputs.dtype)
+
+  # [N, Ho, Wo, G, kh, kw] -> [N, Ho, Wo, kh, kw, G]: the column order, groups innermost.
+  off = offsets.reshape(n, ho, wo, groups, kh, kw, 2).astype(cdt)
+  off = jnp.moveaxis(off, 3, 5)
+  base_h, base_w = sample_grid(geometry, cdt)
+  h = base_h[..., None] + off[..., 0]
+  w = base_w[..., None] + off[..., 1]
+  if mask is not None:
+    mask = jnp.moveaxis(mask.reshape(n, ho, wo, groups, kh, kw), 3, 5)
+  index, weight = bilinear_plan(h, w, mask, (height, width))
+
+  padded = jnp.pad(inputs, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  image = padded.reshape(n, (height + 2) * (width + 2), groups, channels // groups)
+  p = ho * wo * kh * kw
+  columns = gather_columns(image, index.reshape(n, p, groups, 4), weight.reshape(n, p, groups, 4))
+  return columns.reshape(n, ho, wo, kh * kw, channels)

@@ -1,0 +1,170 @@
+"""Deformable convolution (DCNv1) and modulated deformable convolution (DCNv2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from flaxdcn import _ffi
+from flaxdcn._geometry import (ConvGeometry, PaddingLike, check_implementation, compute_dtype,
+                               pair, result_dtype, shape_error)
+from flaxdcn.ops import _xla_conv
+
+_FN = "deform_conv2d"
+
+
+def deform_conv2d(
+    inputs: jax.Array,
+    offsets: jax.Array,
+    kernel: jax.Array,
+    mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    strides: int | tuple[int, int] = 1,
+    padding: PaddingLike = "VALID",
+    kernel_dilation: int | tuple[int, int] = 1,
+    feature_group_count: int = 1,
+    offset_group_count: int = 1,
+    precision: Any = None,
+    implementation: str | None = None,
+) -> jax.Array:
+  r"""Deformable 2-D convolution, channels last (DCNv1; DCNv2 when ``mask`` is given).
+
+  .. math::
+     y(p) = \sum_k w_k \, x(p + p_k + \Delta p_k) \, \Delta m_k + b
+
+  Shapes use these letters: ``N`` batch, ``H, W`` input size, ``Ho, Wo`` output size, ``C`` input
+  channels, ``O`` output channels, ``kh, kw`` kernel size, ``F`` feature groups, ``G`` offset groups,
+  ``K = kh * kw``.
+
+  The sample for output ``(y, x)`` and kernel point ``(i, j)`` is read at::
+
+    h = y * strides[0] - pad_lo[0] + i * kernel_dilation[0] + dy
+    w = x * strides[1] - pad_lo[1] + j * kernel_dilation[1] + dx
+
+  by bilinear interpolation of the zero-padded image: 0 when ``h <= -1``, ``h >= H``, ``w <= -1``
+  or ``w >= W``; otherwise each of the four neighbouring pixels contributes only if it lies inside
+  the image. Input channel ``c`` belongs to offset group ``c // (C // G)``. This is the convention
+  of ``torchvision.ops.deform_conv2d`` and mmcv, with the channel axis moved last.
+
+  Example usage::
+
+    >>> import jax, jax.numpy as jnp
+    >>> import flaxdcn
+    >>> x = jnp.ones((2, 9, 9, 4))
+    >>> kernel = jnp.ones((3, 3, 4, 8))
+    >>> offsets = jnp.zeros((2, 9, 9, 3 * 3 * 2))     # zero offsets: a plain convolution
+    >>> y = flaxdcn.deform_conv2d(x, offsets, kernel, padding="SAME")
+    >>> y.shape
+    (2, 9, 9, 8)
+
+  Args:
+    inputs: ``[N, H, W, C]``.
+    offsets: ``[N, Ho, Wo, G * K * 2]``, channel order ``(g, i, j, (dy, dx))`` (torchvision's
+      ``[N, 2 * G * K, Ho, Wo]`` with the channel axis moved last).
+    kernel: ``[kh, kw, C // F, O]`` (Flax HWIO).
+    mask: ``[N, Ho, Wo, G * K]``, channel order ``(g, i, j)``, or None for DCNv1.
+    bias: ``[O]`` or None.
+    strides: int or ``(sh, sw)``.
+    padding: ``"SAME"``, ``"VALID"``, an int, ``(ph, pw)`` or ``((lo, hi), (lo, hi))``, with
+      ``lax.conv_general_dilated``'s meaning.
+    kernel_dilation: int or ``(dh, dw)``.
+    feature_group_count: ``F``; ``C`` and ``O`` must be divisible by it.
+    offset_group_count: ``G``; ``C`` must be divisible by it.
+    precision: precision of the matrix product with ``kernel`` (as in ``lax.dot_general``).
+    implementation: ``None`` (the native kernel where it was built for the platform, else
+      ``"xla"``), ``"xla"`` (pure jnp) or ``"ffi"`` (native; an error where it is not built).
+
+  Returns:
+    ``[N, Ho, Wo, O]`` in the promoted dtype of the array arguments. Sampling coordinates and
+    accumulation are float32 (float64 for float64 inputs).
+
+  Raises:
+    ValueError: wrong rank or shape of an argument, channel counts not divisible by the groups,
+      a bad padding spec or an empty output.
+    TypeError: a non-floating argument.
+  """
+  check_implementation(implementation, fn=_FN)
+  dtype = result_dtype(_FN, inputs=inputs, offsets=offsets, kernel=kernel, mask=mask, bias=bias)
+  geometry, out_features = _check_shapes(
+      inputs, offsets, kernel, mask, bias, strides, padding, kernel_dilation,
+      feature_group_count, offset_group_count)
+  n = inputs.shape[0]
+  ho, wo = geometry.out_size
+  if n == 0:
+    return jnp.zeros((0, ho, wo, out_features), dtype)
+
+  inputs, offsets, kernel = (jnp.asarray(a, dtype) for a in (inputs, offsets, kernel))
+  mask = None if mask is None else jnp.asarray(mask, dtype)
+  columns = deform_im2col(inputs, offsets, mask, geometry, implementation=implementation)
+  out = _columns_matmul(columns, kernel, feature_group_count, precision)
+  if bias is not None:
+    out = out + jnp.asarray(bias, dtype)
+  return out
+
+
+def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
+                  geometry: ConvGeometry, *, implementation: str | None) -> jax.Array:
+  """Columns ``[N, Ho, Wo, K, C]`` from the chosen backend (arguments already checked)."""
+  if implementation == "xla":
+    return _xla_conv.deform_im2col(inputs, offsets, mask, geometry)
+  fallback = _xla_conv.deform_im2col if implementation is None else None
+  return _ffi.deform_im2col(inputs, offsets, mask, geometry, fallback=fallback)
+
+
+def _columns_matmul(columns: jax.Array, kernel: jax.Array, groups: int, precision: Any
+                    ) -> jax.Array:
+  """``[N, Ho, Wo, K, C] x [kh, kw, C // F, O] -> [N, Ho, Wo, O]``, one GEMM per feature group."""
+  n, ho, wo, k, c = columns.shape
+  out_features = kernel.shape[-1]
+  acc = compute_dtype(columns.dtype)
+  cols = columns.reshape(n, ho, wo, k, groups, c // groups)
+  w = kernel.reshape(k, c // groups, groups, out_features // groups)
+  out = jnp.einsum("nhwkgc,kcgo->nhwgo", cols, w, precision=precision,
+                   preferred_element_type=acc)
+  return out.reshape(n, ho, wo, out_features).astype(columns.dtype)
+
+
+def _check_shapes(inputs, offsets, kernel, mask, bias, strides, padding, kernel_dilation,
+                  feature_group_count, offset_group_count) -> tuple[ConvGeometry, int]:
+  if jnp.ndim(inputs) != 4:
+    raise shape_error(_FN, "inputs", jnp.shape(inputs), "[N, H, W, C] (rank 4)")
+  n, height, width, channels = jnp.shape(inputs)
+  if jnp.ndim(kernel) != 4:
+    raise shape_error(_FN, "kernel", jnp.shape(kernel), "[kh, kw, C // feature_group_count, O] "
+                      "(rank 4)")
+  kh, kw, kernel_in, out_features = jnp.shape(kernel)
+  fg = pair(feature_group_count, "feature_group_count", fn=_FN)[0]
+  og = pair(offset_group_count, "offset_group_count", fn=_FN)[0]
+  if channels % fg:
+    raise ValueError(f"{_FN}: inputs has {channels} channels (shape {tuple(jnp.shape(inputs))}), "
+                     f"not divisible by feature_group_count={fg}.")
+  if kernel_in * fg != channels:
+    raise shape_error(_FN, "kernel", jnp.shape(kernel),
+                      f"[{kh}, {kw}, {channels // fg}, O]",
+                      f"inputs has {channels} channels and feature_group_count={fg}")
+  if out_features % fg:
+    raise shape_error(_FN, "kernel", jnp.shape(kernel), "O divisible by feature_group_count",
+                      f"O={out_features}, feature_group_count={fg}")
+  if channels % og:
+    raise ValueError(f"{_FN}: inputs has {channels} channels (shape {tuple(jnp.shape(inputs))}), "
+                     f"not divisible by offset_group_count={og}.")
+  if min(kh, kw) < 1:
+    raise shape_error(_FN, "kernel", jnp.shape(kernel), "a kernel of at least 1 x 1")
+  geometry = ConvGeometry.create((height, width), (kh, kw), strides, padding, kernel_dilation, og,
+                                 fn=_FN)
+  ho, wo = geometry.out_size
+  k = kh * kw
+  expected = (n, ho, wo, og * k * 2)
+  if tuple(jnp.shape(offsets)) != expected:
+    raise shape_error(_FN, "offsets", jnp.shape(offsets), str(expected),
+                      f"[N, Ho, Wo, offset_group_count * kh * kw * 2] with offset_group_count={og}")
+  if mask is not None and tuple(jnp.shape(mask)) != expected[:3] + (og * k,):
+    raise shape_error(_FN, "mask", jnp.shape(mask), str(expected[:3] + (og * k,)),
+                      f"[N, Ho, Wo, offset_group_count * kh * kw] with offset_group_count={og}")
+  if bias is not None and tuple(jnp.shape(bias)) != (out_features,):
+    raise shape_error(_FN, "bias", jnp.shape(bias), f"({out_features},)")
+  return geometry, out_features
