@@ -19,7 +19,8 @@ def _unavailable(op: str) -> RuntimeError:
       "use implementation=None or 'xla'.")
 
 
-def deform_im2col(inputs, offsets, mask, geometry, *, fallback):
+def deform_im2col(inputs, offsets, mask, geometry, *, deterministic_backward, fallback):
+  del deterministic_backward
   if fallback is None:
     raise _unavailable("deform_conv2d")
   return fallback(inputs, offsets, mask, geometry)

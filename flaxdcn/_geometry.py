@@ -140,3 +140,16 @@ def result_dtype(fn: str, **arrays: Any) -> jnp.dtype:
 def compute_dtype(dtype: Any) -> jnp.dtype:
   """Dtype of sampling coordinates and accumulation: float32 for 16/32-bit, float64 for float64."""
   return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoIPoolGeometry:
+  """Static parameters of one deformable RoI pooling (hashable: used as a static argument).
+
+  Semantics of mmcv's ``DeformRoIPool`` (see :func:`flaxdcn.deform_roi_pool`).
+  """
+  in_size: tuple[int, int]
+  output_size: tuple[int, int]
+  spatial_scale: float
+  sampling_ratio: int
+  gamma: float

@@ -38,6 +38,7 @@ class _DeformConvBase(nn.Module):
   bias_init: Initializer = nn.initializers.zeros_init()
   offset_group_count: int = 1
   implementation: str | None = None
+  deterministic_backward: bool = False
 
   modulated = False
 
@@ -91,7 +92,7 @@ class _DeformConvBase(nn.Module):
         inputs, offsets, kernel, mask, bias, strides=self.strides, padding=self.padding,
         kernel_dilation=self.kernel_dilation, feature_group_count=self.feature_group_count,
         offset_group_count=self.offset_group_count, precision=self.precision,
-        implementation=self.implementation)
+        implementation=self.implementation, deterministic_backward=self.deterministic_backward)
     return y.reshape(batch_shape + y.shape[1:])
 
 
@@ -130,6 +131,8 @@ class DeformConv(_DeformConvBase):
     bias_init: initialiser of ``bias`` ``[features]``.
     offset_group_count: groups of input channels that share one set of offsets (default 1).
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.deform_conv2d`).
+    deterministic_backward: bitwise-reproducible native CUDA backward (see
+      :func:`flaxdcn.deform_conv2d`).
   """
 
 
@@ -169,6 +172,8 @@ class ModulatedDeformConv(_DeformConvBase):
     offset_group_count: groups of input channels that share one set of offsets and mask
       (default 1).
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.deform_conv2d`).
+    deterministic_backward: bitwise-reproducible native CUDA backward (see
+      :func:`flaxdcn.deform_conv2d`).
   """
 
   modulated = True

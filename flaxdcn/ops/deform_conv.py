@@ -30,6 +30,7 @@ def deform_conv2d(
     offset_group_count: int = 1,
     precision: Any = None,
     implementation: str | None = None,
+    deterministic_backward: bool = False,
 ) -> jax.Array:
   r"""Deformable 2-D convolution, channels last (DCNv1; DCNv2 when ``mask`` is given).
 
@@ -77,6 +78,9 @@ def deform_conv2d(
     precision: precision of the matrix product with ``kernel`` (as in ``lax.dot_general``).
     implementation: ``None`` (the native kernel where it was built for the platform, else
       ``"xla"``), ``"xla"`` (pure jnp) or ``"ffi"`` (native; an error where it is not built).
+    deterministic_backward: make the native CUDA backward bitwise reproducible (no float
+      atomics; slower). The native CPU kernels are always deterministic; the ``"xla"``
+      implementation follows XLA's own ``--xla_gpu_deterministic_ops``.
 
   Returns:
     ``[N, Ho, Wo, O]`` in the promoted dtype of the array arguments. Sampling coordinates and
@@ -99,7 +103,8 @@ def deform_conv2d(
 
   inputs, offsets, kernel = (jnp.asarray(a, dtype) for a in (inputs, offsets, kernel))
   mask = None if mask is None else jnp.asarray(mask, dtype)
-  columns = deform_im2col(inputs, offsets, mask, geometry, implementation=implementation)
+  columns = deform_im2col(inputs, offsets, mask, geometry, implementation=implementation,
+                          deterministic_backward=deterministic_backward)
   out = _columns_matmul(columns, kernel, feature_group_count, precision)
   if bias is not None:
     out = out + jnp.asarray(bias, dtype)
@@ -107,12 +112,14 @@ def deform_conv2d(
 
 
 def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
-                  geometry: ConvGeometry, *, implementation: str | None) -> jax.Array:
+                  geometry: ConvGeometry, *, implementation: str | None,
+                  deterministic_backward: bool = False) -> jax.Array:
   """Columns ``[N, Ho, Wo, K, C]`` from the chosen backend (arguments already checked)."""
   if implementation == "xla":
     return _xla_conv.deform_im2col(inputs, offsets, mask, geometry)
   fallback = _xla_conv.deform_im2col if implementation is None else None
-  return _ffi.deform_im2col(inputs, offsets, mask, geometry, fallback=fallback)
+  return _ffi.deform_im2col(inputs, offsets, mask, geometry,
+                            deterministic_backward=deterministic_backward, fallback=fallback)
 
 
 def _columns_matmul(columns: jax.Array, kernel: jax.Array, groups: int, precision: Any
