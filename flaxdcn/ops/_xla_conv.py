@@ -56,7 +56,7 @@ def bilinear_plan(h: jax.Array, w: jax.Array, mask: jax.Array | None, size: tupl
   weight = jnp.stack([hh * (1 - lw), hh * lw, hw * (1 - lw), hw * lw], axis=-1)
   # int32 is wide enough: indices address one padded image, (H + 2) * (W + 2) < 2**31.
   top_left = (h0.astype(jnp.int32) + 1) * (width + 2) + (w0.astype(jnp.int32) + 1)
-  index = top_left[..., None] + jnp.array([0, 1, width + 2, width + 3], jnp.int32)
+  index = jnp.stack([top_left, top_left + 1, top_left + width + 2, top_left + width + 3], -1)
   return index, weight
 
 

@@ -128,10 +128,15 @@ def _columns_matmul(columns: jax.Array, kernel: jax.Array, groups: int, precisio
   n, ho, wo, k, c = columns.shape
   out_features = kernel.shape[-1]
   acc = compute_dtype(columns.dtype)
-  cols = columns.reshape(n, ho, wo, k, groups, c // groups)
-  w = kernel.reshape(k, c // groups, groups, out_features // groups)
-  out = jnp.einsum("nhwkgc,kcgo->nhwgo", cols, w, precision=precision,
-                   preferred_element_type=acc)
+  if groups == 1:
+    # A plain 2-D product keeps the columns row-major: the sampling writes them contiguously.
+    out = jnp.dot(columns.reshape(n * ho * wo, k * c), kernel.reshape(k * c, out_features),
+                  precision=precision, preferred_element_type=acc)
+  else:
+    cols = columns.reshape(n, ho, wo, k, groups, c // groups)
+    w = kernel.reshape(k, c // groups, groups, out_features // groups)
+    out = jnp.einsum("nhwkgc,kcgo->nhwgo", cols, w, precision=precision,
+                     preferred_element_type=acc)
   return out.reshape(n, ho, wo, out_features).astype(columns.dtype)
 
 
