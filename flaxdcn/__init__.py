@@ -2,6 +2,9 @@
 
 from flaxdcn.linen.conv import DeformConv as DeformConv
 from flaxdcn.linen.conv import ModulatedDeformConv as ModulatedDeformConv
+from flaxdcn.linen.deformable_kernel import GlobalDeformableKernel as GlobalDeformableKernel
+from flaxdcn.linen.deformable_kernel import LocalDeformableKernel as LocalDeformableKernel
 from flaxdcn.ops.deform_conv import deform_conv2d as deform_conv2d
+from flaxdcn.ops.deformable_kernel import deformable_kernel_conv2d as deformable_kernel_conv2d
 
 __version__ = "0.1.0"
