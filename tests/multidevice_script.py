@@ -1,0 +1,94 @@
+"""Multi-device checks of ``deform_conv2d`` on 8 CPU devices, run in a subprocess by
+tests/test_sharding.py (the device count must be fixed before jax initialises).
+
+Usage: ``python tests/multidevice_script.py IMPLEMENTATION``. Exits non-zero (an AssertionError with
+a message) on the first failed check:
+
+* batch-sharded ``jit`` (a ``Mesh`` over the 8 devices, inputs/offsets/mask sharded with
+  ``NamedSharding(P('batch'))``, kernel/bias replicated): no ``all-gather`` in the compiled HLO of
+  the forward or of ``jax.grad``; the output stays batch-sharded; values equal the unsharded ones
+  (and the loop reference);
+* ``pmap`` of the forward and of ``jax.grad``: values equal the unsharded ones.
+"""
+
+import functools
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import flaxdcn  # noqa: E402
+import reference as ref  # noqa: E402
+from reference import Case  # noqa: E402
+from tolerances import assert_close  # noqa: E402
+
+DEVICES = 8
+CASE = Case(2 * DEVICES, 6, 5, 4, 6, (3, 3), padding="SAME", fg=2, og=2)
+NAMES = ("inputs", "offsets", "kernel", "mask", "bias")
+BATCHED = ("inputs", "offsets", "mask")
+
+
+def main(implementation: str) -> None:
+  assert jax.device_count() == DEVICES, jax.devices()
+  op = functools.partial(flaxdcn.deform_conv2d, **CASE.kwargs(), implementation=implementation)
+
+  def loss(inputs, offsets, kernel, mask, bias):
+    return jnp.sum(op(inputs, offsets, kernel, mask, bias) ** 2)
+
+  grad = jax.grad(loss, argnums=tuple(range(5)))
+  np_args = ref.make_args(CASE, seed=0, smooth=True)
+  args = [jnp.asarray(np_args[k], jnp.float32) for k in NAMES]
+
+  # Unsharded results on one device.
+  fwd_jit, grad_jit = jax.jit(op), jax.jit(grad)
+  expected_out = fwd_jit(*args)
+  expected_grads = grad_jit(*args)
+  assert_close(expected_out, ref.reference(CASE, np_args), jnp.float32, err_msg="unsharded")
+
+  # Batch-sharded jit.
+  mesh = Mesh(np.array(jax.devices()), ("batch",))
+  batch, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+  sharded = [jax.device_put(a, batch if k in BATCHED else replicated)
+             for k, a in zip(NAMES, args)]
+  for what, fn in (("forward", fwd_jit), ("grad", grad_jit)):
+    hlo = fn.lower(*sharded).compile().as_text()
+    assert "all-gather" not in hlo, (
+        f"{implementation}: the batch-sharded {what} all-gathers:\n"
+        + "\n".join(line for line in hlo.splitlines() if "all-gather" in line)[:4000])
+  out = fwd_jit(*sharded)
+  assert out.sharding.is_equivalent_to(batch, out.ndim), (
+      f"{implementation}: output sharding {out.sharding}, expected batch-sharded")
+  assert_close(out, expected_out, jnp.float32, err_msg="sharded forward")
+  grads = grad_jit(*sharded)
+  for name, g, e in zip(NAMES, grads, expected_grads):
+    assert_close(g, e, jnp.float32, err_msg=f"sharded grad {name}")
+    if name in BATCHED:
+      assert g.sharding.is_equivalent_to(batch, g.ndim), (
+          f"{implementation}: grad {name} sharding {g.sharding}, expected batch-sharded")
+
+  # pmap: two examples per device, kernel and bias broadcast.
+  def per_device(a):
+    return a.reshape((DEVICES, -1) + a.shape[1:])
+  in_axes = tuple(0 if k in BATCHED else None for k in NAMES)
+  pargs = [per_device(a) if k in BATCHED else a for k, a in zip(NAMES, args)]
+  pfwd = jax.pmap(op, in_axes=in_axes)
+  hlo = pfwd.lower(*pargs).compile().as_text()
+  assert "all-gather" not in hlo, f"{implementation}: pmap forward all-gathers"
+  assert_close(pfwd(*pargs).reshape(expected_out.shape), expected_out, jnp.float32,
+               err_msg="pmap forward")
+  pgrads = jax.pmap(grad, in_axes=in_axes)(*pargs)
+  for name, g, e in zip(NAMES, pgrads, expected_grads):
+    g = g.reshape(e.shape) if name in BATCHED else jnp.sum(g, axis=0)  # per-device partial sums
+    assert_close(g, e, jnp.float32, err_msg=f"pmap grad {name}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
