@@ -8,11 +8,13 @@ Usage::
 
 Every case is jitted and warmed up, then all cases of one shape are timed in interleaved
 repetitions (one call each, round robin) and reported as medians, so slow drifts of the machine
-hit every row alike. ``ratio`` is the median over the dense ``lax.conv_general_dilated`` of the
-same shape and pass (forward, or forward+backward with gradients for every differentiable input).
-``peer`` is the ratio to ``torchvision.ops.deform_conv2d`` measured in the same run on the same
-device, when torch and torchvision are importable. ``temp MiB`` is XLA's compiled temporary
-allocation (``memory_analysis``), the best per-program peak-memory figure every backend reports.
+hit every row alike. ``x dense`` is the median over that of a dense ``lax.conv_general_dilated``
+of the same shape and pass (forward, or forward+backward with gradients for every differentiable
+input); the Deformable Kernels rows are measured against a dense convolution with the scope-sized
+kernel (column ``dense is``). ``x peer`` is the ratio to ``torchvision.ops.deform_conv2d``
+measured in the same run on the same device, when torch and torchvision are importable.
+``temp MiB`` is XLA's compiled temporary allocation (``memory_analysis``), the per-program
+peak-memory figure every backend reports.
 """
 
 from __future__ import annotations
@@ -105,6 +107,36 @@ def _conv_cases(shape: ConvShape, dtype_name: str, impls: Sequence[str]) -> list
   return cases
 
 
+def _deformable_kernel_cases(shape: ConvShape, dtype_name: str, scope: int = 5) -> list[Case]:
+  """Both Deformable Kernels modules (kernel ``shape.kernel`` in a ``scope``-sized scope) against a
+  dense convolution with a ``scope``-sized kernel; offset heads perturbed away from zero so the
+  kernel is really resampled."""
+  dtype = DTYPES[dtype_name]
+  keys = jax.random.split(jax.random.key(2), 4)
+  x = jax.random.normal(keys[0], (shape.batch, shape.size, shape.size, shape.in_features), dtype)
+  w = (jax.random.normal(keys[1], (scope, scope, shape.in_features, shape.out_features), dtype)
+       / np.sqrt(scope * scope * shape.in_features)).astype(dtype)
+  pad = scope // 2
+
+  def dense(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  baseline = f"conv{scope}x{scope}"
+  cases = [Case(shape.name, dtype_name, baseline, "dense", dense, (x, w), (0, 1), baseline)]
+  for cls in (flaxdcn.GlobalDeformableKernel, flaxdcn.LocalDeformableKernel):
+    module = cls(shape.out_features, shape.kernel, scope_size=scope, padding="SAME", dtype=dtype)
+    params = jax.jit(module.init)(keys[2], x)["params"]
+    head = next(k for k in params if k.endswith("_offset"))
+    params = dict(params)
+    params[head] = jax.tree_util.tree_map(
+        lambda p: 0.05 * jax.random.normal(keys[3], p.shape, p.dtype), params[head])
+    cases.append(Case(shape.name, dtype_name, cls.__name__, "xla",
+                      lambda p, x, m=module: m.apply({"params": p}, x), (params, x), (0, 1),
+                      baseline))
+  return cases
+
+
 def _forward_backward(fn: Callable[..., Any], argnums: tuple[int, ...], args) -> Callable:
   """``args -> grads`` of ``<fn(args), cotangent>`` (a fixed random cotangent, so XLA cannot
   simplify the backward of a plain sum)."""
@@ -180,7 +212,7 @@ def _torchvision_fns(shape: ConvShape, dtype_name: str, device: str
 
 
 def run(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], repeats: int,
-        backward: bool = True) -> list[dict[str, Any]]:
+        backward: bool = True, deformable_kernels: bool = True) -> list[dict[str, Any]]:
   """Measures every (shape, dtype) and returns one row per (op, implementation, pass)."""
   device = jax.devices()[0].platform
   rows: list[dict[str, Any]] = []
@@ -188,6 +220,8 @@ def run(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], repe
     shape = SHAPES[shape_name]
     for dtype_name in dtypes:
       cases = _conv_cases(shape, dtype_name, impls)
+      if deformable_kernels:
+        cases += _deformable_kernel_cases(shape, dtype_name)
       fns: dict[str, Callable[[], Any]] = {}
       meta: dict[str, tuple[Case, str, float | None]] = {}
       for case in cases:
@@ -208,14 +242,14 @@ def run(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], repe
       medians = _time_interleaved(fns, repeats)
       for key, seconds in medians.items():
         op, impl, pass_name = key.split("/")
-        dense = medians[f"conv/dense/{pass_name}"]
-        tv = medians.get(f"deform_conv2d/torchvision/{pass_name}")
-        temp = meta[key][2] if key in meta else None
+        baseline = meta[key][0].baseline if key in meta else "dense"
+        dense = medians[f"{'conv' if baseline == 'dense' else baseline}/dense/{pass_name}"]
+        tv = medians.get(f"{op}/torchvision/{pass_name}")
         rows.append(dict(
             shape=shape_name, dtype=dtype_name, op=op, implementation=impl, pass_=pass_name,
-            ms=seconds * 1e3, ratio_dense=seconds / dense,
+            ms=seconds * 1e3, baseline=baseline, ratio_dense=seconds / dense,
             ratio_peer=(seconds / tv) if tv and impl not in ("torchvision", "dense") else None,
-            temp_mib=temp))
+            temp_mib=meta[key][2] if key in meta else None))
   return rows
 
 
@@ -241,12 +275,13 @@ def environment() -> dict[str, Any]:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-  header = ("shape", "dtype", "op", "impl", "pass", "ms", "x dense", "x peer", "temp MiB")
+  header = ("shape", "dtype", "op", "impl", "pass", "ms", "x dense", "dense is", "x peer",
+            "temp MiB")
   lines = [header]
   for r in rows:
     lines.append((
         r["shape"], r["dtype"], r["op"], r["implementation"], r["pass_"], f"{r['ms']:.2f}",
-        f"{r['ratio_dense']:.2f}",
+        f"{r['ratio_dense']:.2f}", "conv" if r["baseline"] == "dense" else r["baseline"],
         "" if r["ratio_peer"] is None else f"{r['ratio_peer']:.3f}",
         "" if r["temp_mib"] is None else f"{r['temp_mib']:.1f}"))
   widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
@@ -284,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="comma-separated, of xla, ffi, torchvision (default: all available)")
   parser.add_argument("--repeats", type=int, default=30, help="timed calls per case (median)")
   parser.add_argument("--forward-only", action="store_true", help="skip forward+backward")
+  parser.add_argument("--no-deformable-kernels", action="store_true",
+                      help="skip the Deformable Kernels rows (measured against a dense conv with "
+                      "the scope-sized kernel)")
   parser.add_argument("--json", metavar="PATH", help="also write environment and rows as JSON")
   args = parser.parse_args(argv)
 
@@ -297,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       parser.error(f"unknown {name} {bad}; choose from {list(allowed)}")
 
   env = environment()
-  rows = run(shapes, dtypes, impls, args.repeats, backward=not args.forward_only)
+  rows = run(shapes, dtypes, impls, args.repeats, backward=not args.forward_only,
+             deformable_kernels=not args.no_deformable_kernels)
   print(" ".join(f"{k}={v}" for k, v in env.items() if k != "native"))
   print(format_table(rows))
   if args.json:
