@@ -1,26 +1,459 @@
-"""The one file that talks to ``jax.ffi``.
+"""The one file that talks to ``jax.ffi``: the native kernels of ``xla_ext/`` as JAX operations.
 
-Native kernels are not built yet: every native entry point falls back to the pure-jnp
-implementation when it is given one (``implementation=None``) and raises otherwise.
+Each native stage is a JAX primitive (forward and backward of the deformable im2col and of the
+deformable RoI pooling) with
+
+- a lowering per platform, chosen when the program is lowered: the XLA FFI custom call on the
+  platforms this build has kernels for (``cpu`` always, ``cuda`` when compiled with CUDA), and
+  elsewhere the pure-jnp ``fallback`` (``implementation=None``) or a clear error
+  (``implementation="ffi"``, ``fallback=None``);
+- a batching rule that folds a vmapped axis into the batch axis (one kernel launch, any depth of
+  ``vmap``);
+- for the convolution, batch partitioning: the custom call carries a ``num_batch_dims`` frontend
+  attribute and an ``sdy.sharding_rule``, and its targets are registered as batch partitionable,
+  so under ``jit`` with batch-sharded inputs every device runs its own shard (no all-gather).
+
+``jax.custom_vjp`` ties each forward to its backward; residuals are the inputs (the columns are
+never kept). Registration happens once, at import, for every platform the build has (registering
+a CUDA target on a CPU-only jaxlib is harmless: it is queued for a CUDA plugin).
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.extend.mlir import ir
+from jax.interpreters import batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec
+
+from flaxdcn._geometry import ConvGeometry, RoIPoolGeometry, compute_dtype
+
+try:
+  from flaxdcn import _native  # pytype: disable=import-error
+  _IMPORT_ERROR: str | None = None
+except ImportError as e:  # a source checkout without the compiled module
+  _native = None
+  _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+try:  # the helpers jax's own linalg lowerings use for their sharding rules
+  from jax._src.custom_partitioning_sharding_rule import (sdy_sharding_rule_to_mlir,
+                                                          str_to_sdy_sharding_rule)
+except ImportError:  # batch partitioning then falls back to XLA's all-gather; results are equal
+  sdy_sharding_rule_to_mlir = str_to_sdy_sharding_rule = None
+
+_IM2COL = "flaxdcn_deform_im2col"
+_IM2COL_BWD = "flaxdcn_deform_im2col_bwd"
+_ROI_POOL = "flaxdcn_deform_roi_pool"
+_ROI_POOL_BWD = "flaxdcn_deform_roi_pool_bwd"
+
+#: Names the native module registers under -> names of JAX lowering platforms.
+_PLATFORMS = {"cpu": "cpu", "CUDA": "cuda"}
+
+
+def _registered() -> dict[str, dict[str, Any]]:
+  if _native is None:
+    return {}
+  registrations = _native.registrations()
+  for platform, targets in registrations.items():
+    for name, capsule in targets.items():
+      jax.ffi.register_ffi_target(name, capsule, platform=platform)
+  for name in (_IM2COL, _IM2COL_BWD):
+    jax.ffi.register_ffi_target_as_batch_partitionable(name)
+  return {_PLATFORMS[p]: targets for p, targets in registrations.items() if p in _PLATFORMS}
+
+
+_TARGETS = _registered()
+
 
 def available(platform: str) -> bool:
-  """Whether native kernels were built for ``platform`` ("cpu" or "cuda")."""
-  del platform
-  return False
+  """Whether the native kernels were built for ``platform`` (``"cpu"``, ``"cuda"``/``"gpu"``)."""
+  platform = platform.lower()
+  return ("cuda" if platform == "gpu" else platform) in _TARGETS
 
 
-def _unavailable(op: str) -> RuntimeError:
-  return RuntimeError(
-      f"{op}: implementation='ffi' needs the native kernels, and this flaxdcn build has none; "
-      "use implementation=None or 'xla'.")
+def build_info() -> dict[str, Any]:
+  """Facts of the native build: ``{"cpu": bool, "cuda": bool, "ffi_api": (major, minor), ...}``.
+
+  ``ffi_api`` is the XLA FFI API version of the jaxlib headers the kernels were compiled against;
+  the kernels run on any jaxlib whose FFI API is at least that version. CUDA builds add
+  ``cuda_runtime`` and ``cuda_architectures``. Without a compiled module, ``cpu`` and ``cuda`` are
+  False and ``error`` says why.
+  """
+  if _native is None:
+    return {"cpu": False, "cuda": False, "ffi_api": None, "error": _IMPORT_ERROR}
+  info = dict(_native.build_info())
+  info["ffi_api"] = tuple(info["ffi_api"])
+  return info
 
 
-def deform_im2col(inputs, offsets, mask, geometry, *, deterministic_backward, fallback):
-  del deterministic_backward
+# --- Primitive plumbing ------------------------------------------------------------------------
+
+def _out_aval(like, shape, batch_like=None):
+  """The abstract value of an output of ``shape`` in ``like``'s dtype, varying over ``like``'s
+  manual axes (shard_map). Under explicit sharding it is sharded along its leading axis like
+  ``batch_like``'s leading axis (default ``like``) and replicated otherwise."""
+  batch_like = like if batch_like is None else batch_like
+  sharding = batch_like.sharding
+  spec = sharding.spec
+  leading = spec[0] if len(spec) else None
+  sharding = NamedSharding(sharding.mesh, PartitionSpec(leading, *([None] * (len(shape) - 1))))
+  return like.update(shape=tuple(shape), weak_type=False, sharding=sharding)
+
+
+def _define(name: str, multiple_results: bool) -> Primitive:
+  prim = Primitive(name)
+  prim.multiple_results = multiple_results
+
+  @functools.lru_cache(maxsize=None)
+  def jitted(**params):
+    return jax.jit(functools.partial(prim.bind, **params))
+
+  def impl(*args, **params):
+    return jitted(**params)(*args)
+
+  prim.def_impl(impl)
+  return prim
+
+
+def _unavailable_error(op: str, ctx) -> NotImplementedError:
+  platforms = tuple(ctx.module_context.platforms)
+  built = sorted(_TARGETS) or ["none"]
+  return NotImplementedError(
+      f"{op}: implementation='ffi' needs the native kernels for platform {'/'.join(platforms)}, "
+      f"but this flaxdcn build has them for: {', '.join(built)}"
+      + (f" ({_IMPORT_ERROR})" if _IMPORT_ERROR else "")
+      + ". Use implementation=None (native where built, else 'xla') or 'xla'.")
+
+
+def _batch_sharding_rule(ctx):
+  """``sdy.sharding_rule`` with one factor shared by the leading (batch) dimension of every operand
+  and result, and every other dimension a factor of its own that must stay replicated."""
+  letters = iter("abcdefghijklmopqrstuvwxyz")  # "n" is the batch factor
+  others: list[str] = []
+
+  def mapping(aval):
+    dims = [next(letters) for _ in aval.shape[1:]]
+    others.extend(dims)
+    return " ".join(["n", *dims])
+
+  lhs = ", ".join(mapping(a) for a in ctx.avals_in)
+  rhs = ", ".join(mapping(a) for a in ctx.avals_out)
+  rule = str_to_sdy_sharding_rule(f"{lhs} -> {rhs}", need_replication_factors=tuple(others))
+  types = lambda avals: [ir.RankedTensorType.get(a.shape, mlir.dtype_to_ir_type(a.dtype))
+                         for a in avals]
+  return sdy_sharding_rule_to_mlir(rule, types(ctx.avals_in), types(ctx.avals_out))
+
+
+def _native_lowering(target: str, attributes: Callable[..., dict[str, Any]],
+                     batch_partitionable: bool):
+  """Lowering to the custom call ``target``; ``attributes(**params)`` gives its attributes."""
+
+  def rule(ctx, *args, **params):
+    extra = None
+    if batch_partitionable:
+      extra = {"mhlo.frontend_attributes": mlir.ir_attribute({"num_batch_dims": "1"})}
+      if jax.config.jax_use_shardy_partitioner and str_to_sdy_sharding_rule is not None:
+        extra["sdy.sharding_rule"] = _batch_sharding_rule(ctx)
+    return jax.ffi.ffi_lowering(target, extra_attributes=extra)(ctx, *args, **attributes(**params))
+
+  return rule
+
+
+def _register_lowerings(prim: Primitive, target: str, attributes, fallback_rule,
+                        batch_partitionable: bool) -> None:
+  for platform in _TARGETS:
+    mlir.register_lowering(prim, _native_lowering(target, attributes, batch_partitionable),
+                           platform=platform)
+  mlir.register_lowering(prim, fallback_rule)  # every other platform
+
+
+def _fold(x, dim, size):
+  """Moves the vmapped axis (broadcasting an unbatched operand) to the front and merges it into
+  the leading axis: ``[B, N, ...] -> [B * N, ...]``."""
+  x = jnp.broadcast_to(x, (size,) + x.shape) if dim is None else jnp.moveaxis(x, dim, 0)
+  return x.reshape((size * x.shape[1],) + x.shape[2:])
+
+
+def _unfold(x, size):
+  return x.reshape((size, x.shape[0] // size) + x.shape[1:])
+
+
+# --- Deformable im2col ---------------------------------------------------------------------------
+
+_im2col_p = _define(_IM2COL, multiple_results=False)
+_im2col_bwd_p = _define(_IM2COL_BWD, multiple_results=True)
+
+
+def _conv_attributes(geometry: ConvGeometry, **extra) -> dict[str, Any]:
+  (kh, kw), (sh, sw), (dh, dw) = geometry.kernel_size, geometry.strides, geometry.dilation
+  (ph, _), (pw, _) = geometry.padding
+  attrs = dict(kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw, pad_h=ph, pad_w=pw,
+               dilation_h=dh, dilation_w=dw, offset_groups=geometry.offset_groups)
+  return {k: np.int64(v) for k, v in attrs.items()} | extra
+
+
+def _im2col_abstract(inputs, offsets, mask, *, geometry, fallback):
+  del offsets, mask, fallback
+  n, _, _, channels = inputs.shape
+  return _out_aval(inputs, (n, *geometry.out_size, geometry.num_kernel_points, channels))
+
+
+def _im2col_bwd_abstract(grad_columns, inputs, offsets, mask, *, geometry, deterministic,
+                         fallback):
+  del grad_columns, geometry, deterministic, fallback
+  return [_out_aval(inputs, inputs.shape), _out_aval(offsets, offsets.shape),
+          _out_aval(mask, mask.shape)]
+
+
+def _mask_or_none(mask):
+  return None if mask.shape[-1] == 0 else mask
+
+
+def _im2col_fallback(ctx, inputs, offsets, mask, *, geometry, fallback):
   if fallback is None:
-    raise _unavailable("deform_conv2d")
-  return fallback(inputs, offsets, mask, geometry)
+    raise _unavailable_error("deform_conv2d", ctx)
+
+  def fn(inputs, offsets, mask):
+    return fallback(inputs, offsets, _mask_or_none(mask), geometry)
+
+  return mlir.lower_fun(fn, multiple_results=False)(ctx, inputs, offsets, mask)
+
+
+def _im2col_bwd_fallback(ctx, grad_columns, inputs, offsets, mask, *, geometry, deterministic,
+                         fallback):
+  del deterministic
+  if fallback is None:
+    raise _unavailable_error("deform_conv2d", ctx)
+
+  def fn(grad_columns, inputs, offsets, mask):
+    if mask.shape[-1] == 0:
+      _, vjp = jax.vjp(lambda x, o: fallback(x, o, None, geometry), inputs, offsets)
+      return (*vjp(grad_columns), jnp.zeros_like(mask))
+    _, vjp = jax.vjp(lambda x, o, m: fallback(x, o, m, geometry), inputs, offsets, mask)
+    return vjp(grad_columns)
+
+  return mlir.lower_fun(fn, multiple_results=True)(ctx, grad_columns, inputs, offsets, mask)
+
+
+def _im2col_batch(args, dims, *, geometry, fallback):
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  out = _im2col_p.bind(*(_fold(a, d, size) for a, d in zip(args, dims)), geometry=geometry,
+                       fallback=fallback)
+  return _unfold(out, size), 0
+
+
+def _im2col_bwd_batch(args, dims, **params):
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  outs = _im2col_bwd_p.bind(*(_fold(a, d, size) for a, d in zip(args, dims)), **params)
+  return [_unfold(o, size) for o in outs], [0, 0, 0]
+
+
+_im2col_p.def_abstract_eval(_im2col_abstract)
+_im2col_bwd_p.def_abstract_eval(_im2col_bwd_abstract)
+batching.primitive_batchers[_im2col_p] = _im2col_batch
+batching.primitive_batchers[_im2col_bwd_p] = _im2col_bwd_batch
+_register_lowerings(_im2col_p, _IM2COL,
+                    lambda geometry, fallback: _conv_attributes(geometry),
+                    _im2col_fallback, batch_partitionable=True)
+_register_lowerings(_im2col_bwd_p, _IM2COL_BWD,
+                    lambda geometry, deterministic, fallback: _conv_attributes(
+                        geometry, deterministic=bool(deterministic)),
+                    _im2col_bwd_fallback, batch_partitionable=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _im2col(inputs, offsets, mask, geometry, deterministic, fallback):
+  del deterministic
+  return _im2col_p.bind(inputs, offsets, mask, geometry=geometry, fallback=fallback)
+
+
+def _im2col_fwd(inputs, offsets, mask, geometry, deterministic, fallback):
+  out = _im2col(inputs, offsets, mask, geometry, deterministic, fallback)
+  return out, (inputs, offsets, mask)
+
+
+def _im2col_bwd(geometry, deterministic, fallback, residuals, grad_columns):
+  return tuple(_im2col_bwd_p.bind(grad_columns, *residuals, geometry=geometry,
+                                  deterministic=deterministic, fallback=fallback))
+
+
+_im2col.defvjp(_im2col_fwd, _im2col_bwd)
+
+
+def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
+                  geometry: ConvGeometry, *, deterministic_backward: bool,
+                  fallback: Callable | None) -> jax.Array:
+  """Deformable im2col by the native kernels (arguments already checked).
+
+  Args:
+    inputs: ``[N, H, W, C]`` in a floating dtype ``T``.
+    offsets: ``[N, Ho, Wo, G * kh * kw * 2]`` in ``T``, channel order ``(g, i, j, (dy, dx))``.
+    mask: ``[N, Ho, Wo, G * kh * kw]`` in ``T``, or None.
+    geometry: the static geometry.
+    deterministic_backward: the CUDA backward sums grad-inputs in fixed point instead of with
+      float atomics (bitwise reproducible); the CPU backward always is.
+    fallback: ``fallback(inputs, offsets, mask, geometry)``, lowered on platforms without native
+      kernels; None (``implementation="ffi"``) makes those platforms an error.
+
+  Returns:
+    Columns ``[N, Ho, Wo, kh * kw, C]`` in ``T``; differentiable in ``inputs``, ``offsets`` and
+    ``mask``.
+  """
+  if mask is None:
+    mask = jnp.zeros(offsets.shape[:3] + (0,), offsets.dtype)
+  return _im2col(inputs, offsets, mask, geometry, bool(deterministic_backward), fallback)
+
+
+# --- Deformable RoI pooling ----------------------------------------------------------------------
+
+_roi_pool_p = _define(_ROI_POOL, multiple_results=False)
+_roi_pool_bwd_p = _define(_ROI_POOL_BWD, multiple_results=True)
+
+
+def _roi_attributes(geometry: RoIPoolGeometry, **extra) -> dict[str, Any]:
+  return dict(spatial_scale=np.float64(geometry.spatial_scale),
+              sampling_ratio=np.int64(geometry.sampling_ratio),
+              gamma=np.float64(geometry.gamma)) | extra
+
+
+def _roi_pool_abstract(features, rois, offsets, *, geometry, fallback):
+  del fallback
+  return _out_aval(features, (rois.shape[0], *geometry.output_size, features.shape[-1]), rois)
+
+
+def _roi_pool_bwd_abstract(grad_pooled, features, rois, offsets, *, geometry, deterministic,
+                           fallback):
+  del grad_pooled, rois, geometry, deterministic, fallback
+  return [_out_aval(features, features.shape), _out_aval(offsets, offsets.shape)]
+
+
+def _offsets_or_none(offsets):
+  return None if offsets.shape[-1] == 0 else offsets
+
+
+def _roi_pool_fallback(ctx, features, rois, offsets, *, geometry, fallback):
+  if fallback is None:
+    raise _unavailable_error("deform_roi_pool", ctx)
+
+  def fn(features, rois, offsets):
+    return fallback(features, rois, _offsets_or_none(offsets), geometry)
+
+  return mlir.lower_fun(fn, multiple_results=False)(ctx, features, rois, offsets)
+
+
+def _roi_pool_bwd_fallback(ctx, grad_pooled, features, rois, offsets, *, geometry, deterministic,
+                           fallback):
+  del deterministic
+  if fallback is None:
+    raise _unavailable_error("deform_roi_pool", ctx)
+
+  def fn(grad_pooled, features, rois, offsets):
+    if offsets.shape[-1] == 0:
+      _, vjp = jax.vjp(lambda f: fallback(f, rois, None, geometry), features)
+      return (*vjp(grad_pooled), jnp.zeros_like(offsets))
+    _, vjp = jax.vjp(lambda f, o: fallback(f, rois, o, geometry), features, offsets)
+    return vjp(grad_pooled)
+
+  return mlir.lower_fun(fn, multiple_results=True)(ctx, grad_pooled, features, rois, offsets)
+
+
+def _fold_roi_operands(features, rois, offsets, dims, size, *, fold_features: bool):
+  """Folds the vmapped axis of a pooling call into the RoI axis (and, with ``fold_features``, into
+  the image axis, moving each member's RoI batch indices to its own images; invalid indices stay
+  invalid). Without ``fold_features`` the features must be unbatched and are shared."""
+  f_dim, r_dim, o_dim = dims
+  rois = _fold(rois, r_dim, size)
+  offsets = _fold(offsets, o_dim, size)
+  if not fold_features:
+    return features, rois, offsets
+  features = _fold(features, f_dim, size)
+  images = features.shape[0] // size
+  # Exact in float32 while size * images < 2^24.
+  index = rois[:, 0]
+  member = jnp.repeat(jnp.arange(size, dtype=rois.dtype), rois.shape[0] // size)
+  index = jnp.where((index > -1) & (index < images), jnp.trunc(index) + member * images, -1)
+  return features, rois.at[:, 0].set(index), offsets
+
+
+def _roi_pool_batch(args, dims, *, geometry, fallback):
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  folded = _fold_roi_operands(*args, dims, size, fold_features=dims[0] is not None)
+  out = _roi_pool_p.bind(*folded, geometry=geometry, fallback=fallback)
+  return _unfold(out, size), 0
+
+
+def _roi_pool_bwd_batch(args, dims, **params):
+  grad_pooled, *operands = args
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  # Each member needs its own grad-features, so shared features are folded (broadcast) too.
+  features, rois, offsets = _fold_roi_operands(*operands, dims[1:], size, fold_features=True)
+  grad_pooled = _fold(grad_pooled, dims[0], size)
+  outs = _roi_pool_bwd_p.bind(grad_pooled, features, rois, offsets, **params)
+  return [_unfold(o, size) for o in outs], [0, 0]
+
+
+_roi_pool_p.def_abstract_eval(_roi_pool_abstract)
+_roi_pool_bwd_p.def_abstract_eval(_roi_pool_bwd_abstract)
+batching.primitive_batchers[_roi_pool_p] = _roi_pool_batch
+batching.primitive_batchers[_roi_pool_bwd_p] = _roi_pool_bwd_batch
+_register_lowerings(_roi_pool_p, _ROI_POOL,
+                    lambda geometry, fallback: _roi_attributes(geometry),
+                    _roi_pool_fallback, batch_partitionable=False)
+_register_lowerings(_roi_pool_bwd_p, _ROI_POOL_BWD,
+                    lambda geometry, deterministic, fallback: _roi_attributes(
+                        geometry, deterministic=bool(deterministic)),
+                    _roi_pool_bwd_fallback, batch_partitionable=False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _roi_pool(features, rois, offsets, geometry, deterministic, fallback):
+  del deterministic
+  return _roi_pool_p.bind(features, rois, offsets, geometry=geometry, fallback=fallback)
+
+
+def _roi_pool_fwd(features, rois, offsets, geometry, deterministic, fallback):
+  out = _roi_pool(features, rois, offsets, geometry, deterministic, fallback)
+  return out, (features, rois, offsets)
+
+
+def _roi_pool_bwd(geometry, deterministic, fallback, residuals, grad_pooled):
+  features, rois, offsets = residuals
+  grad_features, grad_offsets = _roi_pool_bwd_p.bind(
+      grad_pooled, features, rois, offsets, geometry=geometry, deterministic=deterministic,
+      fallback=fallback)
+  return grad_features, jnp.zeros_like(rois), grad_offsets  # RoIs are not differentiated
+
+
+_roi_pool.defvjp(_roi_pool_fwd, _roi_pool_bwd)
+
+
+def deform_roi_pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | None,
+                    geometry: RoIPoolGeometry, *, deterministic_backward: bool,
+                    fallback: Callable | None) -> jax.Array:
+  """Deformable RoI pooling by the native kernels (arguments already checked; no mask).
+
+  Args:
+    features: ``[N, H, W, C]`` in a floating dtype ``T``.
+    rois: ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)`` in the compute dtype of ``T`` (float64 for
+      float64, else float32); not differentiated.
+    offsets: ``[R, oh, ow, 2]`` ``(dy, dx)`` in ``T``, or None.
+    geometry: the static parameters.
+    deterministic_backward: the CUDA backward sums grad-features in fixed point instead of with
+      float atomics (bitwise reproducible); the CPU backward always is.
+    fallback: ``fallback(features, rois, offsets, geometry)``, lowered on platforms without native
+      kernels; None (``implementation="ffi"``) makes those platforms an error.
+
+  Returns:
+    ``[R, oh, ow, C]`` in ``T``; differentiable in ``features`` and ``offsets``.
+  """
+  if rois.dtype != compute_dtype(features.dtype):
+    raise TypeError(f"deform_roi_pool: rois must be {compute_dtype(features.dtype)} for "
+                    f"{features.dtype} features, got {rois.dtype}.")
+  if offsets is None:
+    offsets = jnp.zeros((rois.shape[0], *geometry.output_size, 0), features.dtype)
+  return _roi_pool(features, rois, offsets, geometry, bool(deterministic_backward), fallback)

@@ -1,0 +1,68 @@
+// The Python module: hands out the FFI handler capsules and the facts of this build.
+
+#include <type_traits>
+
+#include "pybind11/pybind11.h"
+#include "xla/ffi/api/c_api.h"
+#include "xla_ext/ops.h"
+
+#ifdef FLAXDCN_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace {
+
+namespace py = pybind11;
+
+template <typename T>
+py::capsule EncapsulateHandler(T* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
+                "an XLA FFI handler");
+  return py::capsule(reinterpret_cast<void*>(fn));
+}
+
+py::dict Targets(py::capsule im2col, py::capsule im2col_bwd, py::capsule roi_pool,
+                 py::capsule roi_pool_bwd) {
+  py::dict targets;
+  targets["flaxdcn_deform_im2col"] = im2col;
+  targets["flaxdcn_deform_im2col_bwd"] = im2col_bwd;
+  targets["flaxdcn_deform_roi_pool"] = roi_pool;
+  targets["flaxdcn_deform_roi_pool_bwd"] = roi_pool_bwd;
+  return targets;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "flaxdcn native kernels: XLA FFI handler capsules and build facts.";
+
+  m.def("registrations", []() {
+    py::dict registrations;
+    registrations["cpu"] = Targets(EncapsulateHandler(FlaxdcnDeformIm2colCpu),
+                                   EncapsulateHandler(FlaxdcnDeformIm2colBwdCpu),
+                                   EncapsulateHandler(FlaxdcnDeformRoiPoolCpu),
+                                   EncapsulateHandler(FlaxdcnDeformRoiPoolBwdCpu));
+#ifdef FLAXDCN_WITH_CUDA
+    registrations["CUDA"] = Targets(EncapsulateHandler(FlaxdcnDeformIm2colCuda),
+                                    EncapsulateHandler(FlaxdcnDeformIm2colBwdCuda),
+                                    EncapsulateHandler(FlaxdcnDeformRoiPoolCuda),
+                                    EncapsulateHandler(FlaxdcnDeformRoiPoolBwdCuda));
+#endif
+    return registrations;
+  }, "{platform: {target name: handler capsule}} of the kernels in this build.");
+
+  m.def("build_info", []() {
+    py::dict info;
+    info["cpu"] = true;
+    info["ffi_api"] = py::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
+#ifdef FLAXDCN_WITH_CUDA
+    info["cuda"] = true;
+    info["cuda_runtime"] = py::make_tuple(CUDART_VERSION / 1000, (CUDART_VERSION % 1000) / 10);
+    info["cuda_architectures"] = FLAXDCN_CUDA_ARCHITECTURES;
+#else
+    info["cuda"] = false;
+#endif
+    return info;
+  }, "Facts of this build: kernels per platform, XLA FFI API version, CUDA runtime and "
+     "architectures.");
+}
