@@ -8,7 +8,9 @@ a message) on the first failed check:
   ``NamedSharding(P('batch'))``, kernel/bias replicated): no ``all-gather`` in the compiled HLO of
   the forward or of ``jax.grad``; the output stays batch-sharded; values equal the unsharded ones
   (and the loop reference);
-* ``pmap`` of the forward and of ``jax.grad``: values equal the unsharded ones.
+* ``pmap`` of the forward and of ``jax.grad``: values equal the unsharded ones;
+* explicit sharding (``jax.make_mesh`` with ``AxisType.Explicit``, under ``jax.set_mesh``): the op,
+  its gradient and both modules trace, keep the batch sharding and equal the unsharded values.
 """
 
 import functools
@@ -88,6 +90,26 @@ def main(implementation: str) -> None:
   for name, g, e in zip(NAMES, pgrads, expected_grads):
     g = g.reshape(e.shape) if name in BATCHED else jnp.sum(g, axis=0)  # per-device partial sums
     assert_close(g, e, jnp.float32, err_msg=f"pmap grad {name}")
+
+  # Explicit sharding: shardings are part of the types, so every reshape must be one jax can type.
+  mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    batch, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+    sharded = [jax.device_put(a, batch if k in BATCHED else replicated)
+               for k, a in zip(NAMES, args)]
+    out = jax.jit(op)(*sharded)
+    assert out.sharding.spec[0] == "batch", f"{implementation}: explicit output {out.sharding}"
+    assert_close(out, expected_out, jnp.float32, err_msg="explicit forward")
+    for name, g, e in zip(NAMES, jax.jit(grad)(*sharded), expected_grads):
+      assert_close(g, e, jnp.float32, err_msg=f"explicit grad {name}")
+    for cls in (flaxdcn.DeformConv, flaxdcn.ModulatedDeformConv):
+      module = cls(CASE.o, CASE.kernel, padding=CASE.padding, feature_group_count=CASE.fg,
+                   offset_group_count=CASE.og, implementation=implementation)
+      variables = jax.jit(module.init)(jax.random.key(0), sharded[0])
+      y = jax.jit(module.apply)(variables, sharded[0])
+      assert y.sharding.spec[0] == "batch", f"{implementation}: explicit {cls.__name__}"
+      assert_close(y, module.apply(variables, args[0]), jnp.float32,
+                   err_msg=f"explicit {cls.__name__}")
 
 
 if __name__ == "__main__":

@@ -121,22 +121,25 @@ def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
   ``offsets`` is ``[N, Ho, Wo, G * kh * kw * 2]`` in (g, i, j, (dy, dx)) order and ``mask``
   ``[N, Ho, Wo, G * kh * kw]`` or None; all three share one floating dtype. Columns are in that dtype.
   """
+  # Every reshape here splits or merges a single group of non-batch axes: the form that explicit
+  # sharding propagates without being told, so a batch-sharded call stays batch-sharded.
   n, height, width, channels = inputs.shape
   (ho, wo), (kh, kw), groups = geometry.out_size, geometry.kernel_size, geometry.offset_groups
   cdt = compute_dtype(inputs.dtype)
 
   # [N, Ho, Wo, G, kh, kw] -> [N, Ho, Wo, kh, kw, G]: the column order, groups innermost.
-  off = offsets.reshape(n, ho, wo, groups, kh, kw, 2).astype(cdt)
-  off = jnp.moveaxis(off, 3, 5)
+  off = jnp.moveaxis(offsets.reshape(n, ho, wo, groups, kh, kw, 2).astype(cdt), 3, 5)
   base_h, base_w = sample_grid(geometry, cdt)
   h = base_h[..., None] + off[..., 0]
   w = base_w[..., None] + off[..., 1]
   if mask is not None:
     mask = jnp.moveaxis(mask.reshape(n, ho, wo, groups, kh, kw), 3, 5)
   index, weight = bilinear_plan(h, w, mask, (height, width))
+  p = ho * wo * kh * kw
+  index, weight = index.reshape(n, p, groups, 4), weight.reshape(n, p, groups, 4)
 
   padded = jnp.pad(inputs, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  image = padded.reshape(n, (height + 2) * (width + 2), groups, channels // groups)
-  p = ho * wo * kh * kw
-  columns = gather_columns(image, index.reshape(n, p, groups, 4), weight.reshape(n, p, groups, 4))
+  image = padded.reshape(n, (height + 2) * (width + 2), channels)
+  image = image.reshape(n, (height + 2) * (width + 2), groups, channels // groups)
+  columns = gather_columns(image, index, weight).reshape(n, p, channels)
   return columns.reshape(n, ho, wo, kh * kw, channels)

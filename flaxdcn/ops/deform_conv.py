@@ -125,18 +125,20 @@ def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
 def _columns_matmul(columns: jax.Array, kernel: jax.Array, groups: int, precision: Any
                     ) -> jax.Array:
   """``[N, Ho, Wo, K, C] x [kh, kw, C // F, O] -> [N, Ho, Wo, O]``, one GEMM per feature group."""
+  # Each reshape splits or merges one group of non-batch axes, which explicit sharding accepts.
   n, ho, wo, k, c = columns.shape
   out_features = kernel.shape[-1]
   acc = compute_dtype(columns.dtype)
+  cols = columns.reshape(n, ho * wo, k, c).reshape(n, ho * wo, k * c)
   if groups == 1:
-    # A plain 2-D product keeps the columns row-major: the sampling writes them contiguously.
-    out = jnp.dot(columns.reshape(n * ho * wo, k * c), kernel.reshape(k * c, out_features),
-                  precision=precision, preferred_element_type=acc)
+    # A plain product over the last axis keeps the columns row-major, as the sampling writes them.
+    out = jnp.einsum("npx,xo->npo", cols, kernel.reshape(k * c, out_features),
+                     precision=precision, preferred_element_type=acc)
   else:
-    cols = columns.reshape(n, ho, wo, k, groups, c // groups)
+    cols = cols.reshape(n, ho * wo, k, groups, c // groups)
     w = kernel.reshape(k, c // groups, groups, out_features // groups)
-    out = jnp.einsum("nhwkgc,kcgo->nhwgo", cols, w, precision=precision,
-                     preferred_element_type=acc)
+    out = jnp.einsum("npkgc,kcgo->npgo", cols, w, precision=precision,
+                     preferred_element_type=acc).reshape(n, ho * wo, out_features)
   return out.reshape(n, ho, wo, out_features).astype(columns.dtype)
 
 
