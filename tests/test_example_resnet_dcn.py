@@ -1,0 +1,221 @@
+"""Tests of the ResNet-DCN example (examples/resnet_dcn): data, models, and a smoke run."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxdcn
+
+EXAMPLE_DIR = pathlib.Path(__file__).resolve().parents[1] / "examples" / "resnet_dcn"
+sys.path.insert(0, str(EXAMPLE_DIR))
+
+figures = pytest.importorskip("figures", reason="the examples extra (matplotlib) is missing")
+input_pipeline = pytest.importorskip("input_pipeline")
+models = pytest.importorskip("models")
+train = pytest.importorskip("train", reason="the examples extra (optax, tqdm) is missing")
+
+CANVAS = input_pipeline.CANVAS_SIZE
+
+
+def _flat_shapes(tree):
+  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf.shape
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _init(model, key=0, batch=2):
+  x = jnp.zeros((batch, CANVAS, CANVAS, 1))
+  return model.init(jax.random.key(key), x, train=False), x
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def test_mnist_5k_file():
+  images, labels = input_pipeline.load_mnist_5k()
+  assert images.shape == (5000, 28, 28) and images.dtype == np.float32
+  assert 0.0 <= images.min() and images.max() <= 1.0
+  np.testing.assert_array_equal(np.bincount(labels), np.full(10, 500))
+  (train_x, train_y), (test_x, test_y) = input_pipeline.split(images, labels)
+  assert train_x.shape == (4000, 28, 28) and test_x.shape == (1000, 28, 28)
+  assert len(set(test_y.tolist())) == 10   # shuffled: the file itself is sorted by label
+
+
+@pytest.mark.parametrize("deformation", [input_pipeline.TRAIN_RANGE,
+                                         input_pipeline.SHIFTED_RANGE],
+                         ids=["train", "shifted"])
+def test_sampled_transforms_stay_in_range(deformation):
+  t = input_pipeline.sample_transforms(jax.random.key(1), 4000, deformation)
+  scale, angle, shift = (np.asarray(t[k]) for k in ("scale", "angle", "shift"))
+  in_some = np.zeros(scale.shape, bool)
+  for lo, hi in deformation.scales:
+    in_some |= (scale >= lo * (1 - 1e-6)) & (scale <= hi * (1 + 1e-6))
+  assert in_some.all()
+  magnitude = np.abs(np.rad2deg(angle))
+  assert (magnitude >= deformation.rotation[0] - 1e-4).all()
+  assert (magnitude <= deformation.rotation[1] + 1e-4).all()
+  assert (angle > 0).any() and (angle < 0).any()
+  assert (np.abs(shift) <= deformation.translation).all()
+  if len(deformation.scales) == 2:   # shrunk and enlarged digits alike
+    assert 0.4 < np.mean(scale < 1) < 0.6
+
+
+def test_warp_geometry():
+  digit = np.zeros((1, 28, 28), np.float32)
+  digit[0, 13:15, 20:22] = 1.0       # a blob right of the centre (13.5, 13.5)
+  one, zero = jnp.ones(1), jnp.zeros(1)
+
+  def centre(image):
+    ys, xs = np.nonzero(np.asarray(image)[0, ..., 0] > 0.25)
+    return ys.mean(), xs.mean()
+
+  c = (CANVAS - 1) / 2
+  y, x = centre(input_pipeline.warp(digit, one, zero, jnp.zeros((1, 2))))
+  np.testing.assert_allclose((y, x), (c, c + 7), atol=0.3)
+  y, x = centre(input_pipeline.warp(digit, 2 * one, zero, jnp.zeros((1, 2))))
+  np.testing.assert_allclose((y, x), (c, c + 14), atol=0.6)
+  # +90 degrees turns the digit counter-clockwise on screen: right of centre -> above it.
+  y, x = centre(input_pipeline.warp(digit, one, jnp.full(1, np.pi / 2), jnp.zeros((1, 2))))
+  np.testing.assert_allclose((y, x), (c - 7, c), atol=0.3)
+  y, x = centre(input_pipeline.warp(digit, one, zero, jnp.asarray([[2.0, -3.0]])))
+  np.testing.assert_allclose((y, x), (c + 2, c + 4), atol=0.3)
+
+
+def test_test_sets_are_fixed_and_differ():
+  digits = input_pipeline.load_mnist_5k()[0][:8]
+  a, b = input_pipeline.make_test_sets(digits), input_pipeline.make_test_sets(digits)
+  for name in ("test", "shifted_test"):
+    assert a[name].shape == (8, CANVAS, CANVAS, 1)
+    np.testing.assert_array_equal(a[name], b[name])
+  assert not np.allclose(a["test"], a["shifted_test"])
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["baseline", "dcn"])
+def test_model_output_shape(name):
+  model = train.create_model(name, train.Config())
+  variables, x = _init(model, batch=3)
+  logits = model.apply(variables, x, train=False)
+  assert logits.shape == (3, 10)
+  logits, updates = model.apply(variables, x, mutable=["batch_stats"])
+  assert logits.shape == (3, 10) and "batch_stats" in updates
+
+
+@pytest.mark.parametrize("dcn", ["dcnv2", "dcnv1"])
+def test_dcn_and_baseline_share_all_but_offset_heads(dcn):
+  config = train.Config(dcn=dcn)
+  base, _ = _init(train.create_model("baseline", config))
+  deform, _ = _init(train.create_model("dcn", config))
+  base_params, deform_params = _flat_shapes(base["params"]), _flat_shapes(deform["params"])
+  extra = {p: s for p, s in deform_params.items() if p not in base_params}
+  assert set(base_params) <= set(deform_params)
+  assert all(deform_params[p] == s for p, s in base_params.items())
+  taps = 27 if dcn == "dcnv2" else 18   # offsets (2 per tap) and, for DCNv2, a mask
+  assert extra == {
+      "ResNetBlock_2/conv1/conv_offset/kernel": (3, 3, 32, taps),
+      "ResNetBlock_2/conv1/conv_offset/bias": (taps,),
+      "ResNetBlock_2/conv2/conv_offset/kernel": (3, 3, 64, taps),
+      "ResNetBlock_2/conv2/conv_offset/bias": (taps,),
+  }
+  assert _flat_shapes(base["batch_stats"]) == _flat_shapes(deform["batch_stats"])
+
+
+def test_dcnv1_starts_as_the_baseline():
+  """Same key, same shared parameters; zero-initialised offsets make DCNv1 a plain conv."""
+  config = train.Config(dcn="dcnv1", implementation="xla")
+  base_model, dcn_model = (train.create_model(n, config) for n in ("baseline", "dcn"))
+  base, _ = _init(base_model, key=3)
+  deform, _ = _init(dcn_model, key=3)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(base):
+    other = deform
+    for k in path:
+      other = other[k.key]
+    np.testing.assert_array_equal(leaf, other)
+  x = jax.random.uniform(jax.random.key(4), (2, CANVAS, CANVAS, 1))
+  np.testing.assert_allclose(dcn_model.apply(deform, x, train=False),
+                             base_model.apply(base, x, train=False), rtol=1e-4, atol=1e-5)
+
+
+def test_deformable_stage_uses_the_injected_conv():
+  variables, _ = _init(train.create_model("dcn", train.Config()))
+  assert "conv_offset" not in variables["params"]["ResNetBlock_1"]["conv1"]
+  assert "conv_offset" not in variables["params"]["ResNetBlock_2"]["conv_proj"]
+  with pytest.raises(ValueError, match="deform_conv"):
+    _init(models.SmallResNet(num_classes=10, deform_stages=(2,)))
+
+
+def test_sampling_locations_regular_grid():
+  """Zero offsets through a stride-2 then a stride-1 3x3 layer give the dilated regular grid."""
+  zeros = lambda n: {"offsets": np.zeros((n, n, 3, 3, 2)), "mask": np.ones((n, n, 3, 3))}
+  layers = [{**zeros(6), "stride": (1, 1), "padding": (1, 1)},
+            {**zeros(6), "stride": (2, 2), "padding": (1, 1)}]
+  (mid, _), (points, weight) = figures.sampling_locations((2, 3), layers)
+  assert mid.shape == (9, 2) and points.shape == (81, 2)
+  np.testing.assert_array_equal(np.unique(mid[:, 0]), [1, 2, 3])
+  np.testing.assert_array_equal(np.unique(points[:, 0]), np.arange(1, 8))  # 2 * (1..3) - 1 + 0..2
+  np.testing.assert_array_equal(np.unique(points[:, 1]), np.arange(3, 10))
+  np.testing.assert_array_equal(weight, 1)
+  shifted = [{**layers[0], "offsets": np.full((6, 6, 3, 3, 2), 0.5)}, layers[1]]
+  (mid, _), _ = figures.sampling_locations((2, 3), shifted)
+  np.testing.assert_array_equal(np.unique(mid[:, 1]), [2.5, 3.5, 4.5])
+
+
+# --- the training entry point ---------------------------------------------------------------------
+
+SMOKE = ["--epochs", "1", "--steps", "2", "--batch-size", "16", "--train-size", "64",
+         "--test-size", "24", "--eval-batch-size", "16", "--implementation", "xla"]
+
+
+def test_smoke_train_resume_and_artefacts(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  results = train.main(SMOKE + ["--workdir", workdir])
+  table = capsys.readouterr().out
+  assert "dcn - baseline" in table and "ModulatedDeformConv" in table
+
+  saved = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert set(saved) == {"baseline", "dcn"}
+  for name in ("baseline", "dcn"):
+    r = saved[name]
+    for key in ("test_accuracy", "shifted_test_accuracy", "num_params", "wall_time_s"):
+      assert key in r
+    assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["shifted_test_accuracy"] <= 1.0
+    assert len(r["history"]) == 1 and r["steps_per_epoch"] == 2
+    assert (tmp_path / "run" / name / "checkpoint.msgpack").is_file()
+  assert saved["dcn"]["num_params"] > saved["baseline"]["num_params"]
+  assert results["dcn"]["test_accuracy"] == saved["dcn"]["test_accuracy"]
+  for png in ("curves.png", "offsets.png"):
+    assert (tmp_path / "run" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+  # --resume picks up after epoch 1 and trains only epoch 2 (2 more steps).
+  train.main(SMOKE[2:] + ["--epochs", "2", "--model", "dcn", "--resume", "--workdir", workdir])
+  resumed = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert resumed["dcn"]["history"][0] == saved["dcn"]["history"][0]
+  assert [r["epoch"] for r in resumed["dcn"]["history"]] == [1, 2]
+  assert "baseline" not in resumed   # dropped from the table: trained for 1 epoch, not 2
+  state, epoch, meta = train.read_checkpoint(train.checkpoint_path(workdir, "dcn"))
+  assert epoch == 2 and int(state["step"]) == 4 and len(meta["history"]) == 2
+  assert "conv_offset" in state["params"]["ResNetBlock_2"]["conv1"]
+
+  # A checkpoint written under another training setup is not resumed.
+  with pytest.raises(ValueError, match="written with"):
+    train.main(SMOKE[2:] + ["--epochs", "2", "--model", "dcn", "--seed", "1", "--resume",
+                            "--workdir", workdir])
+
+
+@pytest.mark.slow
+def test_data_parallel_two_devices(tmp_path):
+  """The command line on 2 (forced) CPU devices: batches split over a 'batch' mesh axis."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, str(EXAMPLE_DIR / "train.py"), *SMOKE, "--model", "dcn",
+         "--test-size", "25", "--workdir", str(tmp_path)]
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "2 cpu device(s)" in out.stdout
+  assert json.loads((tmp_path / "results.json").read_text())["dcn"]["history"][0]["epoch"] == 1
