@@ -1,5 +1,6 @@
 """flaxdcn: deformable convolution, deformable RoI pooling and Deformable Kernels for JAX/Flax."""
 
+from flaxdcn._ffi import build_info as build_info
 from flaxdcn.linen.conv import DeformConv as DeformConv
 from flaxdcn.linen.conv import ModulatedDeformConv as ModulatedDeformConv
 from flaxdcn.linen.deformable_kernel import GlobalDeformableKernel as GlobalDeformableKernel

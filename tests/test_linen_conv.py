@@ -177,6 +177,29 @@ def test_attributes_reach_the_op(geometry, module, implementation):
   assert np.max(np.abs(np.asarray(out) - np.asarray(init_out))) > 0.05
 
 
+@pytest.mark.parametrize("module", MODULES)
+def test_sown_offsets_and_mask(module, implementation):
+  """The head's offsets (and mask) are sown as intermediates, with the head's channel layout."""
+  x = _x()
+  layer = module(FEATURES, (3, 3), offset_group_count=2, implementation=implementation)
+  params = _params(layer, x, seed=4, head_scale=0.3)
+  _, state = layer.apply({"params": params}, x[None], mutable=["intermediates"])
+  sown = state["intermediates"]
+  head = lax.conv_general_dilated(
+      x, params["conv_offset"]["kernel"], (1, 1), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=lax.Precision.HIGHEST) + params["conv_offset"]["bias"]
+  k = 2 * 3 * 3
+  (offsets,) = sown["offsets"]
+  assert offsets.shape == (1,) + X_SHAPE[:3] + (2 * k,)
+  assert_close(offsets[0], head[..., :2 * k], jnp.float32)
+  if module is flaxdcn.ModulatedDeformConv:
+    (mask,) = sown["mask"]
+    assert_close(mask[0], jax.nn.sigmoid(head[..., 2 * k:]), jnp.float32)
+  else:
+    assert "mask" not in sown
+
+
 @pytest.mark.parametrize("dy, dx", [(1, 0), (0, -1)], ids=["dy=+1", "dx=-1"])
 @pytest.mark.parametrize("module", MODULES)
 def test_offset_head_bias_shifts_the_image(module, dy, dx, implementation):

@@ -51,7 +51,10 @@ class _DeformConvBase(nn.Module):
         at all is allowed, as in ``flax.linen.Conv``).
 
     Returns:
-      ``[*batch, Ho, Wo, features]``.
+      ``[*batch, Ho, Wo, features]``. The predicted offsets ``[*batch, Ho, Wo, G * kh * kw * 2]``
+      (and, for the modulated layer, the mask ``[*batch, Ho, Wo, G * kh * kw]``) are sown into the
+      ``"intermediates"`` collection as ``"offsets"`` (``"mask"``): pass
+      ``mutable=["intermediates"]`` to ``apply`` to read them.
     """
     kernel_size = ((self.kernel_size,) * 2 if isinstance(self.kernel_size, int)
                    else tuple(self.kernel_size))
@@ -82,8 +85,10 @@ class _DeformConvBase(nn.Module):
         kernel_init=nn.initializers.zeros_init(), bias_init=nn.initializers.zeros_init(),
         name="conv_offset")(inputs)
     offsets, mask = head[..., :2 * k], None
+    self.sow("intermediates", "offsets", offsets.reshape(batch_shape + offsets.shape[1:]))
     if self.modulated:
       mask = jax.nn.sigmoid(head[..., 2 * k:])
+      self.sow("intermediates", "mask", mask.reshape(batch_shape + mask.shape[1:]))
 
     inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     offsets = offsets.astype(inputs.dtype)
