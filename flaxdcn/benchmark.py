@@ -8,10 +8,11 @@ Usage::
 
 Every case is jitted and warmed up, then all cases of one shape are timed in interleaved
 repetitions (one call each, round robin) and reported as medians, so slow drifts of the machine
-hit every row alike. ``x dense`` is the median over that of a dense ``lax.conv_general_dilated``
-of the same shape and pass (forward, or forward+backward with gradients for every differentiable
-input); the Deformable Kernels rows are measured against a dense convolution with the scope-sized
-kernel (column ``dense is``). ``x peer`` is the ratio to ``torchvision.ops.deform_conv2d``
+hit every row alike. ``x base`` is the median over that of the row named in ``base``, same shape
+and pass (forward, or forward+backward with gradients for every differentiable input):
+``deform_conv2d`` against a dense ``lax.conv_general_dilated``, the Deformable Kernels modules
+against a dense convolution with the scope-sized kernel, ``deform_roi_pool`` (modulated) against
+plain RoI pooling. ``x peer`` is the ratio to torchvision (``deform_conv2d``, ``roi_align``)
 measured in the same run on the same device, when torch and torchvision are importable.
 ``temp MiB`` is XLA's compiled temporary allocation (``memory_analysis``), the per-program
 peak-memory figure every backend reports.
@@ -60,6 +61,26 @@ SHAPES = {
         ConvShape("G2", 32, 56, 64, 64, description="ResNet stage 1 at 224 px"),
     ]
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class RoIShape:
+  """One deformable RoI pooling benchmark shape (features at ``1 / stride`` of the image)."""
+  name: str
+  batch: int
+  size: int
+  channels: int
+  rois: int
+  output: int = 7
+  stride: int = 16
+  description: str = ""
+
+
+ROI_SHAPES = {
+    s.name: s for s in [
+        RoIShape("P1", 2, 50, 256, 512, description="Faster R-CNN head at 800 px"),
+    ]
+}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -73,7 +94,7 @@ class Case:
   fn: Callable[..., Any]
   args: tuple[Any, ...]
   grad_argnums: tuple[int, ...]
-  baseline: str = "dense"
+  baseline: str = "conv/dense"  # op/impl of the row every ratio of this case is taken against
 
 
 def _conv_cases(shape: ConvShape, dtype_name: str, impls: Sequence[str]) -> list[Case]:
@@ -122,8 +143,9 @@ def _deformable_kernel_cases(shape: ConvShape, dtype_name: str, scope: int = 5) 
     return lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  baseline = f"conv{scope}x{scope}"
-  cases = [Case(shape.name, dtype_name, baseline, "dense", dense, (x, w), (0, 1), baseline)]
+  op = f"conv{scope}x{scope}"
+  baseline = f"{op}/dense"
+  cases = [Case(shape.name, dtype_name, op, "dense", dense, (x, w), (0, 1), baseline)]
   for cls in (flaxdcn.GlobalDeformableKernel, flaxdcn.LocalDeformableKernel):
     module = cls(shape.out_features, shape.kernel, scope_size=scope, padding="SAME", dtype=dtype)
     params = jax.jit(module.init)(keys[2], x)["params"]
@@ -135,6 +157,50 @@ def _deformable_kernel_cases(shape: ConvShape, dtype_name: str, scope: int = 5) 
                       lambda p, x, m=module: m.apply({"params": p}, x), (params, x), (0, 1),
                       baseline))
   return cases
+
+
+def _roi_cases(shape: RoIShape, dtype_name: str, impls: Sequence[str]) -> list[Case]:
+  """Modulated deformable RoI pooling against plain RoI pooling (no offsets, no mask) of the
+  default implementation; mmcv's defaults (adaptive sub-grid, gamma 0.1)."""
+  dtype = DTYPES[dtype_name]
+  features, rois = _roi_inputs(shape)
+  features = features.astype(dtype)
+  keys = jax.random.split(jax.random.key(3), 2)
+  out = shape.output
+  offsets = (0.3 * jax.random.normal(keys[0], (shape.rois, out, out, 2))).astype(dtype)
+  mask = jax.nn.sigmoid(jax.random.normal(keys[1], (shape.rois, out, out))).astype(dtype)
+  kwargs = dict(output_size=out, spatial_scale=1 / shape.stride)
+
+  def plain(features):
+    return flaxdcn.deform_roi_pool(features, rois, **kwargs)
+
+  baseline = "roi_pool_plain/default"
+  cases = [Case(shape.name, dtype_name, "roi_pool_plain", "default", plain, (features,), (0,),
+                baseline)]
+  for impl in impls:
+    if impl == "torchvision":
+      continue
+
+    def pool(features, offsets, mask, impl=impl):
+      return flaxdcn.deform_roi_pool(features, rois, offsets, mask, **kwargs,
+                                     implementation=impl)
+
+    cases.append(Case(shape.name, dtype_name, "deform_roi_pool", impl, pool,
+                      (features, offsets, mask), (0, 1, 2), baseline))
+  return cases
+
+
+def _roi_inputs(shape: RoIShape) -> tuple[jax.Array, jax.Array]:
+  """Features ``[N, S, S, C]`` and ``shape.rois`` boxes of 16 to 400 pixels inside the image."""
+  keys = jax.random.split(jax.random.key(4), 4)
+  image = shape.size * shape.stride
+  features = jax.random.normal(keys[0], (shape.batch, shape.size, shape.size, shape.channels))
+  size = jnp.exp(jax.random.uniform(keys[1], (shape.rois, 2), minval=np.log(16),
+                                    maxval=np.log(400)))
+  corner = jax.random.uniform(keys[2], (shape.rois, 2)) * (image - size)
+  index = jax.random.randint(keys[3], (shape.rois, 1), 0, shape.batch).astype(jnp.float32)
+  rois = jnp.concatenate([index, corner, corner + size], axis=1)
+  return features, rois
 
 
 def _forward_backward(fn: Callable[..., Any], argnums: tuple[int, ...], args) -> Callable:
@@ -171,19 +237,42 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[s
   return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _torchvision_fns(shape: ConvShape, dtype_name: str, device: str
-                     ) -> dict[str, Callable[[], Any]] | None:
-  """torchvision.ops.deform_conv2d at the same shape, NCHW, on ``device``; None if unavailable."""
+def _torch(device: str):
+  """``(torch, torchvision, torch device)`` for the JAX ``device`` platform, or None."""
   try:
     import torch
     import torchvision
   except ImportError:
     return None
-  tdev = "cuda" if device == "gpu" and torch.cuda.is_available() else "cpu"
-  if device == "gpu" and tdev != "cuda":
+  if device == "gpu":
+    return (torch, torchvision, "cuda") if torch.cuda.is_available() else None
+  return torch, torchvision, "cpu"
+
+
+def _torch_timers(forward: Callable[[], Any], forward_backward: Callable[[], Any], torch, tdev
+                  ) -> dict[str, Callable[[], Any]]:
+  sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
+
+  def fwd():
+    with torch.no_grad():
+      forward()
+    sync()
+
+  def fwd_bwd():
+    forward_backward()
+    sync()
+
+  return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
+def _torchvision_conv(shape: ConvShape, dtype_name: str, device: str
+                      ) -> dict[str, Callable[[], Any]] | None:
+  """torchvision.ops.deform_conv2d at the same shape, NCHW, on ``device``; None if unavailable."""
+  found = _torch(device)
+  if found is None:
     return None
-  tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-      dtype_name]
+  torch, torchvision, tdev = found
+  tdtype = getattr(torch, dtype_name)
   g = torch.Generator(device="cpu").manual_seed(0)
   k, kk = shape.kernel, shape.kernel ** 2 * shape.offset_groups
   n, s = shape.batch, shape.size
@@ -194,62 +283,103 @@ def _torchvision_fns(shape: ConvShape, dtype_name: str, device: str
   x, w = rand(n, shape.in_features, s, s), rand(shape.out_features, shape.in_features, k, k)
   off, mask = rand(n, 2 * kk, s, s), rand(n, kk, s, s)
   cot = torch.randn(n, shape.out_features, s, s, generator=g).to(device=tdev, dtype=tdtype)
-  sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
 
   def forward():
-    with torch.no_grad():
-      out = torchvision.ops.deform_conv2d(x, off, w, padding=k // 2, mask=torch.sigmoid(mask))
-    sync()
-    return out
+    return torchvision.ops.deform_conv2d(x, off, w, padding=k // 2, mask=torch.sigmoid(mask))
 
   def forward_backward():
-    out = torchvision.ops.deform_conv2d(x, off, w, padding=k // 2, mask=torch.sigmoid(mask))
-    grads = torch.autograd.grad(out, (x, off, mask, w), cot)
-    sync()
-    return grads
+    return torch.autograd.grad(forward(), (x, off, mask, w), cot)
 
-  return {"fwd": forward, "fwd+bwd": forward_backward}
+  return _torch_timers(forward, forward_backward, torch, tdev)
+
+
+def _torchvision_roi_align(shape: RoIShape, dtype_name: str, device: str
+                           ) -> dict[str, Callable[[], Any]] | None:
+  """torchvision.ops.roi_align (aligned, adaptive sub-grid) on the same features and boxes."""
+  found = _torch(device)
+  if found is None:
+    return None
+  torch, torchvision, tdev = found
+  features, rois = (np.asarray(a) for a in _roi_inputs(shape))
+  x = torch.from_numpy(features.transpose(0, 3, 1, 2).copy()).to(
+      device=tdev, dtype=getattr(torch, dtype_name)).requires_grad_(True)
+  boxes = torch.from_numpy(rois).to(device=tdev, dtype=x.dtype)
+  cot = torch.randn(shape.rois, shape.channels, shape.output, shape.output,
+                    generator=torch.Generator(device="cpu").manual_seed(0)).to(tdev, x.dtype)
+
+  def forward():
+    return torchvision.ops.roi_align(x, boxes, shape.output, spatial_scale=1 / shape.stride,
+                                     sampling_ratio=-1, aligned=True)
+
+  def forward_backward():
+    return torch.autograd.grad(forward(), (x,), cot)
+
+  return _torch_timers(forward, forward_backward, torch, tdev)
+
+
+def _groups(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], device: str,
+            deformable_kernels: bool):
+  """``(shape, dtype, cases, peers)`` for every requested shape and dtype; ``peers`` maps an op to
+  its torchvision timers (op name of the row they are the peer of)."""
+  for shape_name in shapes:
+    for dtype_name in dtypes:
+      peers = {}
+      if shape_name in ROI_SHAPES:
+        shape = ROI_SHAPES[shape_name]
+        cases = _roi_cases(shape, dtype_name, impls)
+        if "torchvision" in impls:
+          peers["deform_roi_pool"] = ("roi_align", _torchvision_roi_align(shape, dtype_name,
+                                                                          device))
+      else:
+        shape = SHAPES[shape_name]
+        cases = _conv_cases(shape, dtype_name, impls)
+        if deformable_kernels:
+          cases += _deformable_kernel_cases(shape, dtype_name)
+        if "torchvision" in impls:
+          peers["deform_conv2d"] = ("deform_conv2d", _torchvision_conv(shape, dtype_name,
+                                                                       device))
+      yield shape_name, dtype_name, cases, {k: v for k, v in peers.items() if v[1] is not None}
 
 
 def run(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], repeats: int,
         backward: bool = True, deformable_kernels: bool = True) -> list[dict[str, Any]]:
   """Measures every (shape, dtype) and returns one row per (op, implementation, pass)."""
   device = jax.devices()[0].platform
+  passes = ("fwd", "fwd+bwd") if backward else ("fwd",)
   rows: list[dict[str, Any]] = []
-  for shape_name in shapes:
-    shape = SHAPES[shape_name]
-    for dtype_name in dtypes:
-      cases = _conv_cases(shape, dtype_name, impls)
-      if deformable_kernels:
-        cases += _deformable_kernel_cases(shape, dtype_name)
-      fns: dict[str, Callable[[], Any]] = {}
-      meta: dict[str, tuple[Case, str, float | None]] = {}
-      for case in cases:
-        passes = {"fwd": case.fn}
-        if backward:
-          passes["fwd+bwd"] = _forward_backward(case.fn, case.grad_argnums, case.args)
-        for pass_name, fn in passes.items():
-          jitted = jax.jit(fn)
-          key = f"{case.op}/{case.impl}/{pass_name}"
-          fns[key] = (lambda jitted=jitted, args=case.args:
-                      jax.block_until_ready(jitted(*args)))
-          meta[key] = (case, pass_name, _temp_mib(jitted, case.args))
-      peer = (_torchvision_fns(shape, dtype_name, device) if "torchvision" in impls else None)
-      if peer is not None:
-        for pass_name, fn in peer.items():
-          if backward or pass_name == "fwd":
-            fns[f"deform_conv2d/torchvision/{pass_name}"] = fn
-      medians = _time_interleaved(fns, repeats)
-      for key, seconds in medians.items():
-        op, impl, pass_name = key.split("/")
-        baseline = meta[key][0].baseline if key in meta else "dense"
-        dense = medians[f"{'conv' if baseline == 'dense' else baseline}/dense/{pass_name}"]
-        tv = medians.get(f"{op}/torchvision/{pass_name}")
-        rows.append(dict(
-            shape=shape_name, dtype=dtype_name, op=op, implementation=impl, pass_=pass_name,
-            ms=seconds * 1e3, baseline=baseline, ratio_dense=seconds / dense,
-            ratio_peer=(seconds / tv) if tv and impl not in ("torchvision", "dense") else None,
-            temp_mib=meta[key][2] if key in meta else None))
+  for shape_name, dtype_name, cases, peers in _groups(shapes, dtypes, impls, device,
+                                                      deformable_kernels):
+    fns: dict[str, Callable[[], Any]] = {}
+    temp: dict[str, float | None] = {}
+    baseline: dict[str, str] = {}
+    for case in cases:
+      fn_of_pass = {"fwd": case.fn,
+                    "fwd+bwd": _forward_backward(case.fn, case.grad_argnums, case.args)}
+      for pass_name in passes:
+        jitted = jax.jit(fn_of_pass[pass_name])
+        key = f"{case.op}/{case.impl}/{pass_name}"
+        fns[key] = (lambda jitted=jitted, args=case.args:
+                    jax.block_until_ready(jitted(*args)))
+        temp[key] = _temp_mib(jitted, case.args)
+        baseline[key] = f"{case.baseline}/{pass_name}"
+    peer_of: dict[str, str] = {}
+    for op, (peer_op, timers) in peers.items():
+      for pass_name in passes:
+        key = f"{peer_op}/torchvision/{pass_name}"
+        fns[key] = timers[pass_name]
+        peer_of[f"{op}/{pass_name}"] = key
+        baseline[key] = ""
+    medians = _time_interleaved(fns, repeats)
+    for key, seconds in medians.items():
+      op, impl, pass_name = key.split("/")
+      base = medians.get(baseline[key])
+      peer = medians.get(peer_of.get(f"{op}/{pass_name}", ""))
+      rows.append(dict(
+          shape=shape_name, dtype=dtype_name, op=op, implementation=impl, pass_=pass_name,
+          ms=seconds * 1e3, baseline=baseline[key].rsplit("/", 2)[0] if base else "",
+          ratio_dense=seconds / base if base else None,
+          ratio_peer=seconds / peer if peer and impl != "torchvision" else None,
+          temp_mib=temp.get(key)))
   return rows
 
 
@@ -275,13 +405,13 @@ def environment() -> dict[str, Any]:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-  header = ("shape", "dtype", "op", "impl", "pass", "ms", "x dense", "dense is", "x peer",
-            "temp MiB")
+  header = ("shape", "dtype", "op", "impl", "pass", "ms", "x base", "base", "x peer", "temp MiB")
   lines = [header]
   for r in rows:
     lines.append((
         r["shape"], r["dtype"], r["op"], r["implementation"], r["pass_"], f"{r['ms']:.2f}",
-        f"{r['ratio_dense']:.2f}", "conv" if r["baseline"] == "dense" else r["baseline"],
+        "" if r["ratio_dense"] is None else f"{r['ratio_dense']:.2f}",
+        r["baseline"].split("/")[0],
         "" if r["ratio_peer"] is None else f"{r['ratio_peer']:.3f}",
         "" if r["temp_mib"] is None else f"{r['temp_mib']:.1f}"))
   widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
@@ -306,13 +436,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m flaxdcn.benchmark", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="shapes:\n" + "\n".join(
+      epilog="shapes (deform_conv2d, and Deformable Kernels with a 5x5 scope):\n" + "\n".join(
           f"  {s.name:5s} N={s.batch}, {s.size}x{s.size}, {s.in_features}->{s.out_features}, "
           f"{s.kernel}x{s.kernel}, offset groups {s.offset_groups}, mask on ({s.description})"
-          for s in SHAPES.values()))
+          for s in SHAPES.values())
+      + "\nshapes (modulated deform_roi_pool against plain RoI pooling and torchvision's "
+        "roi_align):\n" + "\n".join(
+          f"  {s.name:5s} N={s.batch}, {s.size}x{s.size}, {s.channels} channels, R={s.rois}, "
+          f"{s.output}x{s.output}, spatial_scale 1/{s.stride}, adaptive sub-grid "
+          f"({s.description})" for s in ROI_SHAPES.values()))
   on_gpu = jax.devices()[0].platform == "gpu"
-  parser.add_argument("--shapes", default="R1,G1,G1g4,G2" if on_gpu else "R1",
-                      help="comma-separated shape names (default: R1 on CPU, all on GPU)")
+  parser.add_argument("--shapes", default="R1,G1,G1g4,G2,P1" if on_gpu else "R1,P1",
+                      help="comma-separated shape names (default: R1,P1 on CPU, all on GPU)")
   parser.add_argument("--dtypes", default="float32",
                       help=f"comma-separated, of {', '.join(DTYPES)} (default float32)")
   parser.add_argument("--implementations", default=",".join(default_implementations()),
@@ -328,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   shapes = [s for s in args.shapes.split(",") if s]
   dtypes = [d for d in args.dtypes.split(",") if d]
   impls = [i for i in args.implementations.split(",") if i]
-  for name, values, allowed in (("shape", shapes, SHAPES), ("dtype", dtypes, DTYPES),
+  for name, values, allowed in (("shape", shapes, {**SHAPES, **ROI_SHAPES}),
+                                ("dtype", dtypes, DTYPES),
                                 ("implementation", impls, ("xla", "ffi", "torchvision"))):
     bad = [v for v in values if v not in allowed]
     if bad:
