@@ -1,5 +1,6 @@
 """Tests of the ResNet-DCN example (examples/resnet_dcn): data, models, and a smoke run."""
 
+import functools
 import json
 import os
 import pathlib
@@ -32,6 +33,12 @@ def _flat_shapes(tree):
 def _init(model, key=0, batch=2):
   x = jnp.zeros((batch, CANVAS, CANVAS, 1))
   return model.init(jax.random.key(key), x, train=False), x
+
+
+def _init_shapes(model):
+  """The variables' shapes and dtypes, without computing them."""
+  x = jax.ShapeDtypeStruct((2, CANVAS, CANVAS, 1), jnp.float32)
+  return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -97,9 +104,13 @@ def test_test_sets_are_fixed_and_differ():
 
 # --- models ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["baseline", "dcn"])
-def test_model_output_shape(name):
-  model = train.create_model(name, train.Config())
+DCN_CHOICES = ["dcnv2", "dcnv1", "dk-global", "dk-local"]
+
+
+@pytest.mark.parametrize("name,dcn", [("baseline", "dcnv2")] + [("dcn", d) for d in DCN_CHOICES],
+                         ids=["baseline"] + DCN_CHOICES)
+def test_model_output_shape(name, dcn):
+  model = train.create_model(name, train.Config(dcn=dcn))
   variables, x = _init(model, batch=3)
   logits = model.apply(variables, x, train=False)
   assert logits.shape == (3, 10)
@@ -107,22 +118,47 @@ def test_model_output_shape(name):
   assert logits.shape == (3, 10) and "batch_stats" in updates
 
 
-@pytest.mark.parametrize("dcn", ["dcnv2", "dcnv1"])
-def test_dcn_and_baseline_share_all_but_offset_heads(dcn):
+def _extra_params(dcn):
+  """The deformable model's parameters that the baseline lacks: the offset heads."""
+  if dcn.startswith("dcn"):
+    taps = 27 if dcn == "dcnv2" else 18   # offsets (2 per tap) and, for DCNv2, a mask
+    return {"ResNetBlock_2/conv1/conv_offset/kernel": (3, 3, 32, taps),
+            "ResNetBlock_2/conv1/conv_offset/bias": (taps,),
+            "ResNetBlock_2/conv2/conv_offset/kernel": (3, 3, 64, taps),
+            "ResNetBlock_2/conv2/conv_offset/bias": (taps,)}
+  if dcn == "dk-global":                  # global pool + dense: one (dy, dx) per tap and image
+    return {"ResNetBlock_2/conv1/fc_offset/kernel": (32, 18),
+            "ResNetBlock_2/conv1/fc_offset/bias": (18,),
+            "ResNetBlock_2/conv2/fc_offset/kernel": (64, 18),
+            "ResNetBlock_2/conv2/fc_offset/bias": (18,)}
+  return {"ResNetBlock_2/conv1/conv_offset/kernel": (3, 3, 32, 18),   # dk-local: per position
+          "ResNetBlock_2/conv1/conv_offset/bias": (18,),
+          "ResNetBlock_2/conv2/conv_offset/kernel": (3, 3, 64, 18),
+          "ResNetBlock_2/conv2/conv_offset/bias": (18,)}
+
+
+@pytest.mark.parametrize("dcn", DCN_CHOICES)
+def test_deformable_model_shares_all_but_offset_heads(dcn):
+  """Same parameter paths as the baseline plus the offset heads.
+
+  Every shared path has the baseline's shape, except that a Deformable Kernels layer's ``kernel``
+  is its 5 x 5 scope, from which the 3 x 3 kernel is resampled.
+  """
   config = train.Config(dcn=dcn)
-  base, _ = _init(train.create_model("baseline", config))
-  deform, _ = _init(train.create_model("dcn", config))
+  base = _init_shapes(train.create_model("baseline", config))
+  deform = _init_shapes(train.create_model("dcn", config))
   base_params, deform_params = _flat_shapes(base["params"]), _flat_shapes(deform["params"])
-  extra = {p: s for p, s in deform_params.items() if p not in base_params}
   assert set(base_params) <= set(deform_params)
-  assert all(deform_params[p] == s for p, s in base_params.items())
-  taps = 27 if dcn == "dcnv2" else 18   # offsets (2 per tap) and, for DCNv2, a mask
-  assert extra == {
-      "ResNetBlock_2/conv1/conv_offset/kernel": (3, 3, 32, taps),
-      "ResNetBlock_2/conv1/conv_offset/bias": (taps,),
-      "ResNetBlock_2/conv2/conv_offset/kernel": (3, 3, 64, taps),
-      "ResNetBlock_2/conv2/conv_offset/bias": (taps,),
-  }
+  assert {p: s for p, s in deform_params.items() if p not in base_params} == _extra_params(dcn)
+  reshaped = {p: (base_params[p], s) for p, s in deform_params.items()
+              if p in base_params and base_params[p] != s}
+  if dcn.startswith("dk"):
+    scope = train.DK_SCOPE_SIZE
+    assert reshaped == {
+        "ResNetBlock_2/conv1/kernel": ((3, 3, 32, 64), (scope, scope, 32, 64)),
+        "ResNetBlock_2/conv2/kernel": ((3, 3, 64, 64), (scope, scope, 64, 64))}
+  else:
+    assert reshaped == {}
   assert _flat_shapes(base["batch_stats"]) == _flat_shapes(deform["batch_stats"])
 
 
@@ -142,12 +178,50 @@ def test_dcnv1_starts_as_the_baseline():
                              base_model.apply(base, x, train=False), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dcn", ["dk-global", "dk-local"])
+def test_deformable_kernels_start_as_the_baseline(dcn):
+  """Zero-initialised offset heads make a DK layer the plain conv with the scope's centre crop.
+
+  So the DK model with the baseline's 3 x 3 kernels in the centre of its scopes (any margin)
+  computes the baseline; every other shared parameter starts equal (same key).
+  """
+  config = train.Config(dcn=dcn)
+  base_model, dk_model = (train.create_model(n, config) for n in ("baseline", "dcn"))
+  base, _ = _init(base_model, key=3)
+  dk, _ = _init(dk_model, key=3)
+  margin = (train.DK_SCOPE_SIZE - 3) // 2
+  params = jax.tree.map(lambda x: x, dk["params"])
+  for path, leaf in jax.tree_util.tree_leaves_with_path(base["params"]):
+    keys = [k.key for k in path]
+    node = params
+    for k in keys[:-1]:
+      node = node[k]
+    if node[keys[-1]].shape == leaf.shape:
+      np.testing.assert_array_equal(node[keys[-1]], leaf, err_msg="/".join(keys))
+    else:   # a scope: the centre crop takes the baseline's kernel
+      node[keys[-1]] = node[keys[-1]].at[margin:margin + 3, margin:margin + 3].set(leaf)
+  x = jax.random.uniform(jax.random.key(4), (2, CANVAS, CANVAS, 1))
+  np.testing.assert_allclose(
+      dk_model.apply({"params": params, "batch_stats": dk["batch_stats"]}, x, train=False),
+      base_model.apply(base, x, train=False), rtol=1e-4, atol=1e-5)
+
+
 def test_deformable_stage_uses_the_injected_conv():
   variables, _ = _init(train.create_model("dcn", train.Config()))
   assert "conv_offset" not in variables["params"]["ResNetBlock_1"]["conv1"]
   assert "conv_offset" not in variables["params"]["ResNetBlock_2"]["conv_proj"]
   with pytest.raises(ValueError, match="deform_conv"):
     _init(models.SmallResNet(num_classes=10, deform_stages=(2,)))
+
+
+@pytest.mark.parametrize("dcn", ["dk-global", "dk-local"])
+def test_ffi_refused_for_deformable_kernels(dcn, capsys):
+  """Deformable Kernels have no native kernel: the command line says so before training."""
+  with pytest.raises(SystemExit):
+    train.parse_args(["--dcn", dcn, "--implementation", "ffi"])
+  assert "has no native kernel" in capsys.readouterr().err
+  # The baseline alone does not use the deformable layer: nothing to refuse.
+  assert train.parse_args(["--dcn", dcn, "--implementation", "ffi", "--model", "baseline"])
 
 
 def test_sampling_locations_regular_grid():
@@ -164,6 +238,34 @@ def test_sampling_locations_regular_grid():
   shifted = [{**layers[0], "offsets": np.full((6, 6, 3, 3, 2), 0.5)}, layers[1]]
   (mid, _), _ = figures.sampling_locations((2, 3), shifted)
   np.testing.assert_array_equal(np.unique(mid[:, 1]), [2.5, 3.5, 4.5])
+
+
+@pytest.mark.parametrize("dcn", ["dcnv2", "dcnv1"])
+def test_figure_reads_the_sown_offsets_and_mask(dcn):
+  """``deformable_layers`` turns the sown ``(i, j, (dy, dx))`` channels into ``[..., i, j, 2]``."""
+  model = train.create_model("dcn", train.Config(dcn=dcn, implementation="xla"))
+  variables, x = _init(model, batch=2)
+  params = jax.tree.map(lambda p: p, variables["params"])
+  i, j = np.meshgrid(np.arange(3), np.arange(3), indexing="ij")
+  pattern = np.stack([i / 10, j / 100], -1).reshape(-1)          # dy = i / 10, dx = j / 100
+  head = params["ResNetBlock_2"]["conv1"]["conv_offset"]
+  head["bias"] = head["bias"].at[:18].set(pattern)
+  if dcn == "dcnv2":
+    head["bias"] = head["bias"].at[18:].set(np.log(3.0))         # sigmoid -> mask 0.75
+  layers = figures.deformable_layers(model, {**variables, "params": params}, x)
+  assert len(layers) == 2
+  conv2, conv1 = layers[0]                                        # last layer first
+  assert conv1["offsets"].shape == (6, 6, 3, 3, 2) and conv1["mask"].shape == (6, 6, 3, 3)
+  assert (conv1["stride"], conv1["padding"]) == ((2, 2), (1, 1))    # 11 -> 6
+  assert (conv2["stride"], conv2["padding"]) == ((1, 1), (1, 1))    # 6 -> 6
+  np.testing.assert_allclose(conv1["offsets"][2, 4, ..., 0], i / 10, atol=1e-6)
+  np.testing.assert_allclose(conv1["offsets"][2, 4, ..., 1], j / 100, atol=1e-6)
+  np.testing.assert_array_equal(conv2["offsets"], 0)
+  if dcn == "dcnv2":
+    np.testing.assert_allclose(conv1["mask"], 0.75, rtol=1e-6)
+    np.testing.assert_allclose(conv2["mask"], 0.5, rtol=1e-6)
+  else:
+    np.testing.assert_array_equal(conv1["mask"], 1)
 
 
 # --- the training entry point ---------------------------------------------------------------------
@@ -206,6 +308,16 @@ def test_smoke_train_resume_and_artefacts(tmp_path, capsys):
   with pytest.raises(ValueError, match="written with"):
     train.main(SMOKE[2:] + ["--epochs", "2", "--model", "dcn", "--seed", "1", "--resume",
                             "--workdir", workdir])
+
+
+def test_smoke_deformable_kernels(tmp_path, capsys):
+  """``--dcn dk-local`` trains the same ResNet with Deformable Kernels (no offsets figure)."""
+  results = train.main(SMOKE + ["--model", "dcn", "--dcn", "dk-local", "--steps", "1",
+                                "--workdir", str(tmp_path)])
+  assert "dcn (LocalDeformableKernel)" in capsys.readouterr().out
+  assert results["dcn"]["conv"] == "LocalDeformableKernel"
+  assert results["dcn"]["config"]["dcn"] == "dk-local"
+  assert (tmp_path / "curves.png").is_file() and not (tmp_path / "offsets.png").exists()
 
 
 @pytest.mark.slow

@@ -108,41 +108,46 @@ def sampling_locations(point: tuple[int, int], layers: Sequence[Mapping[str, Any
 
 
 def deformable_layers(model: nn.Module, variables: Mapping[str, Any], images: jax.Array
-                      ) -> tuple[list[list[dict[str, Any]]], np.ndarray]:
+                      ) -> list[list[dict[str, Any]]]:
   """Offsets and masks of the deformable convolutions of the model's last block, per image.
+
+  They are read from what ``flaxdcn.DeformConv`` and ``flaxdcn.ModulatedDeformConv`` sow into the
+  ``"intermediates"`` collection: ``offsets`` ``[N, Ho, Wo, kh * kw * 2]`` (channel order
+  ``(i, j, (dy, dx))``) and, for DCNv2, the ``mask`` ``[N, Ho, Wo, kh * kw]`` (after its sigmoid).
+  A DCNv1 layer counts as a mask of ones.
+
+  Args:
+    model: the deformable model (its last block's 3 x 3 convolutions deformable, one offset group).
+    variables: its ``params`` and ``batch_stats``.
+    images: ``[N, H, W, 1]``.
 
   Returns:
     ``layers[n]``: the deformable layers of image ``n``, last one first, in the format of
-    :func:`sampling_locations`; and the activation of the last block ``[N, Ho, Wo, C]``.
+    :func:`sampling_locations`.
   """
-  def keep(mdl: nn.Module, method: str) -> bool:
-    name = mdl.name or ""
-    return method == "__call__" and (name == "conv_offset" or name.startswith("ResNetBlock"))
-
-  apply = jax.jit(partial(model.apply, train=False, capture_intermediates=keep))
+  apply = jax.jit(partial(model.apply, train=False, mutable=["intermediates"]))
   _, state = apply(variables, images)
-  inter = state["intermediates"]
-  block = sorted(k for k in inter if k.startswith("ResNetBlock"))[-1]
-  in_size = images.shape[1]
-  for k in sorted(k for k in inter if k.startswith("ResNetBlock"))[:-1]:
-    in_size = inter[k]["__call__"][0].shape[1]
+  sown = state["intermediates"]
+  block = max(sown, key=lambda name: int(name.rsplit("_", 1)[-1]))   # ResNetBlock_<i>: the last
+  in_size = -(-images.shape[1] // STAGE_INPUT_STRIDE)   # The block's input: 42 -> 21 -> 21 -> 11.
   layers = []
   for conv in ("conv1", "conv2"):
-    head = np.asarray(inter[block][conv]["conv_offset"]["__call__"][0])
-    n, ho, wo, channels = head.shape
-    taps = 9                                                  # 3 x 3, one offset group
-    offsets = head[..., :2 * taps].reshape(n, ho, wo, 3, 3, 2)
-    mask = (1 / (1 + np.exp(-head[..., 2 * taps:])) if channels == 3 * taps
-            else np.ones((n, ho, wo, taps))).reshape(n, ho, wo, 3, 3)
+    offsets = np.asarray(sown[block][conv]["offsets"][0])
+    n, ho, wo, channels = offsets.shape
+    kh, kw = variables["params"][block][conv]["kernel"].shape[:2]
+    if channels != kh * kw * 2:
+      raise ValueError(f"{block}/{conv} predicts {channels} offset channels; the figure draws "
+                       f"one offset group of {kh} x {kw} taps ({kh * kw * 2} channels).")
+    mask = (np.asarray(sown[block][conv]["mask"][0]) if "mask" in sown[block][conv]
+            else np.ones((n, ho, wo, kh * kw), offsets.dtype))
     stride = 2 if conv == "conv1" else 1
-    pad = _same_padding_lo(in_size, ho, 3, stride)
-    layers.append({"offsets": offsets, "mask": mask, "stride": (stride, stride),
+    pad = _same_padding_lo(in_size, ho, kh, stride)
+    layers.append({"offsets": offsets.reshape(n, ho, wo, kh, kw, 2),
+                   "mask": mask.reshape(n, ho, wo, kh, kw), "stride": (stride, stride),
                    "padding": (pad, pad)})
     in_size = ho
-  activation = np.asarray(inter[block]["__call__"][0])
-  per_image = [[{**layer, "offsets": layer["offsets"][i], "mask": layer["mask"][i]}
-                for layer in reversed(layers)] for i in range(len(images))]
-  return per_image, activation
+  return [[{**layer, "offsets": layer["offsets"][i], "mask": layer["mask"][i]}
+           for layer in reversed(layers)] for i in range(len(images))]
 
 
 def _unit_on_digit(image: np.ndarray, top_size: tuple[int, int]) -> tuple[int, int]:
@@ -183,7 +188,7 @@ def sampling_spread(model: nn.Module, variables: Mapping[str, Any], digits: np.n
   images = input_pipeline.warp(jnp.tile(jnp.asarray(digits), (len(scales), 1, 1)),
                                jnp.repeat(jnp.asarray(scales), n), jnp.zeros(n * len(scales)),
                                jnp.zeros((n * len(scales), 2)))
-  layers, _ = deformable_layers(model, variables, images)
+  layers = deformable_layers(model, variables, images)
   top_size = layers[0][0]["offsets"].shape[:2]
   units = [_unit_on_digit(image, top_size) for image in np.asarray(images)]
   spreads = np.asarray([_spread(u, chain) for u, chain in zip(units, layers)])
@@ -192,7 +197,8 @@ def sampling_spread(model: nn.Module, variables: Mapping[str, Any], digits: np.n
 
 
 def plot_offsets(model: nn.Module, variables: Mapping[str, Any], digits: np.ndarray,
-                 path: str | os.PathLike, panels: Sequence[tuple[int, float, float]] = OFFSET_PANELS,
+                 path: str | os.PathLike,
+                 panels: Sequence[tuple[int, float, float]] = OFFSET_PANELS,
                  spread_digits: int = 64):
   """Draws the 81 sampling locations of one top-layer unit over a few deformed test digits.
 
@@ -213,7 +219,7 @@ def plot_offsets(model: nn.Module, variables: Mapping[str, Any], digits: np.ndar
       jnp.asarray(digits[index]), scale=jnp.asarray([p[1] for p in panels], jnp.float32),
       angle=jnp.deg2rad(jnp.asarray([p[2] for p in panels], jnp.float32)),
       shift=jnp.zeros((len(panels), 2)))
-  layers, _ = deformable_layers(model, variables, images)
+  layers = deformable_layers(model, variables, images)
 
   fig = plt.figure(figsize=(2.1 * len(panels) + 3.2, 4.6), dpi=80)
   grid = fig.add_gridspec(2, len(panels) + 1, width_ratios=[1] * len(panels) + [1.5])

@@ -1,11 +1,13 @@
 """A small ResNet V1 whose convolution class is injected, after flax's ``examples/imagenet``.
 
 The deformable variant is not a second model: the same :class:`ResNet` is handed a deformable
-convolution class (``flaxdcn.ModulatedDeformConv``, ``flaxdcn.DeformConv``, or any module with
-``flax.linen.Conv``'s call signature) for the 3 x 3 convolutions of chosen stages. The 1 x 1
+convolution class (``flaxdcn.ModulatedDeformConv``, ``flaxdcn.DeformConv``,
+``flaxdcn.GlobalDeformableKernel``, ``flaxdcn.LocalDeformableKernel``, or any module with
+``flax.linen.Conv``'s attributes and call) for the 3 x 3 convolutions of chosen stages. The 1 x 1
 projections of the shortcuts stay plain convolutions. Every submodule is named, so the baseline
 and the deformable model have the same parameter tree except for the deformable layers' own
-offset heads (``conv_offset``).
+offset heads (``conv_offset``, or ``fc_offset`` for global Deformable Kernels); a Deformable
+Kernels layer's ``kernel`` is also larger (its scope).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ Usage::
 
   python examples/resnet_dcn/train.py                       # both models, 15 epochs, seed 0
   python examples/resnet_dcn/train.py --model dcn --dcn dcnv1 --seed 1 --workdir /tmp/dcnv1
+  python examples/resnet_dcn/train.py --dcn dk-local         # Deformable Kernels in place of DCN
 """
 
 from __future__ import annotations
@@ -44,12 +45,24 @@ import models
 
 MODEL_NAMES = ("baseline", "dcn")
 
+#: The scope of the Deformable Kernels: each 3 x 3 kernel is resampled from a 5 x 5 kernel. With
+#: one tap of margin on each side the 3 x 3 grid sits on scope taps, so with its zero-initialised
+#: offset head the layer starts as a plain 3 x 3 convolution (the centre crop), like the DCN layers;
+#: and spreading the three taps over the whole scope (spacing 2) shrinks the kernel's pattern by up
+#: to 2x, the smallest scale (0.5) of the shifted test set.
+DK_SCOPE_SIZE = 5
+
 #: The convolution the "dcn" model uses for the 3 x 3 convolutions of its last stage (``--dcn``).
 #: Any module with ``flax.linen.Conv``'s attributes and call fits.
 DEFORMABLE_CONVS = {
     "dcnv2": flaxdcn.ModulatedDeformConv,
     "dcnv1": flaxdcn.DeformConv,
+    "dk-global": partial(flaxdcn.GlobalDeformableKernel, scope_size=DK_SCOPE_SIZE),
+    "dk-local": partial(flaxdcn.LocalDeformableKernel, scope_size=DK_SCOPE_SIZE),
 }
+
+#: ``--dcn`` choices that have no native kernel: ``implementation="ffi"`` raises for them.
+PURE_JNP_CONVS = ("dk-global", "dk-local")
 
 #: The stages (0-based) whose 3 x 3 convolutions are deformable in the "dcn" model.
 DEFORM_STAGES = (2,)
@@ -122,7 +135,7 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def train_step(state: TrainState, digits: jax.Array, labels: jax.Array, data_key: jax.Array
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One step on freshly deformed ``digits`` ``[B, 28, 28]``; the deformations depend on the step."""
+  """One step on freshly deformed ``digits`` ``[B, 28, 28]`` (deformations depend on the step)."""
   images = input_pipeline.deform(digits, jax.random.fold_in(data_key, state.step),
                                  input_pipeline.TRAIN_RANGE)
 
@@ -389,6 +402,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
   parser.add_argument("--resume", action="store_true",
                       help="continue from the checkpoints in --workdir")
   args = parser.parse_args(argv)
+  if args.implementation == "ffi" and args.model != "baseline" and args.dcn in PURE_JNP_CONVS:
+    parser.error(f"--implementation ffi: --dcn {args.dcn} (Deformable Kernels) has no native "
+                 "kernel; leave --implementation out or pass --implementation xla (pure jnp).")
   return Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
 
 
