@@ -127,8 +127,8 @@ def test_default_scope_is_kernel_size(module):
 @pytest.mark.parametrize("geometry", GEOMETRIES[1:3])
 @pytest.mark.parametrize("module", MODULES)
 def test_attributes_reach_the_op(module, geometry):
-  """With a random offset head: the head's offsets computed by hand, then the loop reference with
-  the module's scope, bias, strides, padding, dilation and groups."""
+  """With a random offset head: the head's offsets computed by hand (and sown by the module), then
+  the loop reference with the module's scope, bias, strides, padding, dilation and groups."""
   x = _x()
   layer = module(FEATURES, **geometry)
   apply = jax.jit(layer.apply)
@@ -159,6 +159,10 @@ def test_attributes_reach_the_op(module, geometry):
   assert_close(out, expected, jnp.float32)
   # ... and the head really matters.
   assert np.max(np.abs(np.asarray(out) - np.asarray(init_out))) > 0.05
+  # The offsets are sown as intermediates, exactly as the head predicts them.
+  _, state = layer.apply({"params": params}, x, mutable=["intermediates"])
+  (sown,) = state["intermediates"]["offsets"]
+  assert_close(sown, offsets, jnp.float32)
 
 
 @pytest.mark.parametrize("dtype, param_dtype, x_dtype", [

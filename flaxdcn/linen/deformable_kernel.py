@@ -57,7 +57,9 @@ class _DeformableKernelBase(nn.Module):
         at all is allowed, as in ``flax.linen.Conv``).
 
     Returns:
-      ``[*batch, Ho, Wo, features]``.
+      ``[*batch, Ho, Wo, features]``. The predicted offsets (``[*batch, kh * kw * 2]`` global,
+      ``[*batch, Ho, Wo, kh * kw * 2]`` local) are sown into the ``"intermediates"`` collection as
+      ``"offsets"``: pass ``mutable=["intermediates"]`` to ``apply`` to read them.
     """
     kernel_size = self._pair(self.kernel_size, "kernel_size")
     scope_size = (kernel_size if self.scope_size is None
@@ -88,6 +90,7 @@ class _DeformableKernelBase(nn.Module):
                         kernel_dilation=self.kernel_dilation, name="conv_offset", **head)(inputs)
     else:
       offsets = nn.Dense(num_offsets, name="fc_offset", **head)(jnp.mean(inputs, axis=(1, 2)))
+    self.sow("intermediates", "offsets", offsets.reshape(batch_shape + offsets.shape[1:]))
 
     inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     y = deformable_kernel_conv2d(

@@ -192,15 +192,16 @@ def scope_plan(offsets: jax.Array, kernel_size: tuple[int, int], scope_size: tup
 
 def _global_conv(columns: jax.Array, offsets: jax.Array, kernel: jax.Array,
                  kernel_size: tuple[int, int], groups: int, precision: Any) -> jax.Array:
-  """One kernel per image: gather it from the scope, then a batched GEMM with the columns."""
+  """One kernel per image: resample it from the scope, then a batched GEMM with the columns."""
   n, ho, wo, k, channels = columns.shape
   s_h, s_w, group_in, out_features = kernel.shape
   index, weight = scope_plan(offsets.astype(compute_dtype(kernel.dtype)), kernel_size,
                              (s_h, s_w))
-  padded = jnp.pad(kernel, ((1, 1), (1, 1), (0, 0), (0, 0)))
-  scope = padded.reshape(1, (s_h + 2) * (s_w + 2), 1, group_in * out_features)
-  kernels = _xla_conv.gather_columns(scope, index.reshape(1, n * k, 1, 4),
-                                     weight.reshape(1, n * k, 1, 4))
+  # Resampling as a product with the dense weights [N, S, K]: its backward is two more GEMMs,
+  # where a gather of whole [C / F, O] slices would be transposed into a slow scatter.
+  beta = scope_weights(index, weight, (s_h, s_w))
+  kernels = jnp.einsum("nsk,sx->nkx", beta, kernel.reshape(s_h * s_w, -1), precision=_EXACT,
+                       preferred_element_type=beta.dtype).astype(kernel.dtype)
   acc = compute_dtype(columns.dtype)
   if groups == 1:
     # One GEMM per image on row-major columns: on CPU the forward takes half the einsum's time.
