@@ -7,8 +7,8 @@ Usage::
   python -m flaxdcn.benchmark --help
 
 Every case is jitted and warmed up, then all cases of one shape are timed in interleaved
-repetitions (one call each, round robin) and reported as medians, so slow drifts of the machine
-hit every row alike. ``x base`` is the median over that of the row named in ``base``, same shape
+rounds (each case in turn: one untimed call, then a few timed calls in a row) and reported as
+medians, so slow drifts of the machine hit every row alike. ``x base`` is the median over that of the row named in ``base``, same shape
 and pass (forward, or forward+backward with gradients for every differentiable input):
 ``deform_conv2d`` against a dense ``lax.conv_general_dilated``, the Deformable Kernels modules
 against a dense convolution with the scope-sized kernel, ``deform_roi_pool`` (modulated) against
@@ -223,17 +223,27 @@ def _temp_mib(jitted, args) -> float | None:
     return None
 
 
-def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-  """Median seconds of each ``fn()``; every fn returns only when its work has finished."""
-  for fn in fns.values():  # warm-up: compile and first-touch.
+def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, rounds: int = 5
+                      ) -> dict[str, float]:
+  """Median seconds of each ``fn()``; every fn returns only when its work has finished.
+
+  The cases take turns in ``rounds`` rounds; in each round a case runs once untimed, then
+  ``repeats / rounds`` timed calls in a row. Taking turns spreads slow drifts of the machine over
+  every case; the untimed call and the short runs keep one case's memory traffic (XLA:CPU
+  allocates its temporaries per call, and large ones come from fresh pages) out of the next
+  case's timings.
+  """
+  for fn in fns.values():  # compile and first-touch.
     fn()
-    fn()
+  per_round = max(1, -(-repeats // rounds))
   times: dict[str, list[float]] = {name: [] for name in fns}
-  for _ in range(repeats):
+  for _ in range(rounds):
     for name, fn in fns.items():
-      start = time.perf_counter()
       fn()
-      times[name].append(time.perf_counter() - start)
+      for _ in range(per_round):
+        start = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
   return {name: statistics.median(ts) for name, ts in times.items()}
 
 

@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from flaxdcn._geometry import ConvGeometry, compute_dtype
 
@@ -60,6 +61,10 @@ def bilinear_plan(h: jax.Array, w: jax.Array, mask: jax.Array | None, size: tupl
   return index, weight
 
 
+#: Elements of one chunk of positions x channels in the backward of :func:`gather_columns`.
+_BWD_CHUNK_ELEMENTS = 2**18
+
+
 @jax.custom_vjp
 def gather_columns(image: jax.Array, index: jax.Array, weight: jax.Array) -> jax.Array:
   """``out[n, p, g] = sum_q weight[n, p, g, q] * image[n, index[n, p, g, q], g]``.
@@ -95,20 +100,38 @@ def _gather_columns_fwd(image, index, weight):
 def _gather_columns_bwd(residuals, cotangent):
   image, index, weight = residuals
   acc_dtype = weight.dtype
+  n, p, groups, channels = cotangent.shape
 
   def one(img, idx, wts, g):
     grad_weight = jnp.stack(
         [jnp.einsum("pc,pc->p", img[idx[:, q]], g, preferred_element_type=acc_dtype)
          for q in range(4)], axis=-1)
     g = g.astype(acc_dtype)
-    grad_image = jnp.zeros(img.shape, acc_dtype)
+    updates = jnp.zeros(img.shape, acc_dtype)
     for q in range(4):
-      grad_image = grad_image.at[idx[:, q]].add(g * wts[:, q, None], indices_are_sorted=False,
-                                                unique_indices=False)
-    return grad_image.astype(img.dtype), grad_weight.astype(wts.dtype)
+      updates = updates.at[idx[:, q]].add(g * wts[:, q, None], indices_are_sorted=False,
+                                          unique_indices=False)
+    return updates, grad_weight
 
-  grad_image, grad_weight = _per_image_and_group(one)(image, index, weight, cotangent)
-  return grad_image, None, grad_weight
+  # Positions in chunks: every temporary of the backward is a chunk's worth, not [N, P, ...]
+  # four times over (XLA:CPU allocates temporaries per call; past ~32 MB they cost page faults).
+  chunk = max(1, min(p, _BWD_CHUNK_ELEMENTS // max(1, n * groups * channels)))
+  chunks = -(-p // chunk)
+  pad = chunks * chunk - p
+  if pad:  # padding rows have zero weight and a zero cotangent: they add nothing.
+    index = jnp.pad(index, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    weight = jnp.pad(weight, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    cotangent = jnp.pad(cotangent, ((0, 0), (0, pad), (0, 0), (0, 0)))
+
+  def step(grad_image, i):
+    sl = lambda a: lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)
+    updates, grad_weight = _per_image_and_group(one)(image, sl(index), sl(weight), sl(cotangent))
+    return grad_image + updates, grad_weight
+
+  grad_image = jnp.zeros_like(image, dtype=acc_dtype)  # keeps the image's (batch) sharding
+  grad_image, grad_weight = lax.scan(step, grad_image, jnp.arange(chunks))
+  grad_weight = jnp.moveaxis(grad_weight, 0, 1).reshape(n, chunks * chunk, groups, 4)[:, :p]
+  return grad_image.astype(image.dtype), None, grad_weight.astype(weight.dtype)
 
 
 gather_columns.defvjp(_gather_columns_fwd, _gather_columns_bwd)
