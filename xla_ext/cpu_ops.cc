@@ -148,15 +148,7 @@ ffi::Error DeformIm2colCpuImpl(ffi::ThreadPool pool, ffi::AnyBuffer input, ffi::
                                pad_h, pad_w, dilation_h, dilation_w, offset_groups);
   if (!params) return params.error();
   const ConvParams& p = *params;
-  if (columns->element_type() != input.element_type()) {
-    return ffi::Error::InvalidArgument(std::string(kOp) + ": columns dtype differs from inputs");
-  }
-  if (ffi::Error e = ExpectShape(kOp, "columns", columns->dimensions(),
-                                 {p.batch, p.out_height, p.out_width, p.kernel_points(),
-                                  p.channels});
-      e.failure()) {
-    return e;
-  }
+  if (ffi::Error e = CheckIm2colBuffers(kOp, p, input, *columns); e.failure()) return e;
   return DispatchCpu(kOp, input.element_type(), [&](auto tag) {
     using T = decltype(tag);
     return ParallelRanges(pool, p.batch * p.positions(), [&](int64_t begin, int64_t end) {
@@ -180,19 +172,12 @@ ffi::Error DeformIm2colBwdCpuImpl(ffi::ThreadPool pool, ffi::AnyBuffer grad_colu
                                pad_h, pad_w, dilation_h, dilation_w, offset_groups);
   if (!params) return params.error();
   const ConvParams& p = *params;
+  if (ffi::Error e = CheckIm2colBwdBuffers(kOp, p, grad_columns, input, offset, mask,
+                                           *grad_input, *grad_offset, *grad_mask);
+      e.failure()) {
+    return e;
+  }
   const ffi::DataType dtype = input.element_type();
-  if (grad_columns.element_type() != dtype || grad_input->element_type() != dtype ||
-      grad_offset->element_type() != dtype || grad_mask->element_type() != dtype) {
-    return ffi::Error::InvalidArgument(std::string(kOp) + ": all buffers must share one dtype");
-  }
-  for (ffi::Error e :
-       {ExpectShape(kOp, "grad_columns", grad_columns.dimensions(),
-                    {p.batch, p.out_height, p.out_width, p.kernel_points(), p.channels}),
-        ExpectSameShape(kOp, "grad_inputs", grad_input->dimensions(), input.dimensions()),
-        ExpectSameShape(kOp, "grad_offsets", grad_offset->dimensions(), offset.dimensions()),
-        ExpectSameShape(kOp, "grad_mask", grad_mask->dimensions(), mask.dimensions())}) {
-    if (e.failure()) return e;
-  }
   const int64_t blocks = ConvBackwardBlocks(p);
   return DispatchCpu(kOp, dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -223,14 +208,7 @@ ffi::Error DeformRoiPoolCpuImpl(ffi::ThreadPool pool, ffi::AnyBuffer features,
                                   gamma);
   if (!params) return params.error();
   const RoiPoolParams& p = *params;
-  if (pooled->element_type() != features.element_type()) {
-    return ffi::Error::InvalidArgument(std::string(kOp) + ": pooled dtype differs from features");
-  }
-  if (ffi::Error e = ExpectShape(kOp, "pooled", pooled->dimensions(),
-                                 {p.rois, p.out_height, p.out_width, p.channels});
-      e.failure()) {
-    return e;
-  }
+  if (ffi::Error e = CheckRoiPoolBuffers(kOp, p, features, *pooled); e.failure()) return e;
   return DispatchCpu(kOp, features.element_type(), [&](auto tag) {
     using T = decltype(tag);
     using A = AccType<T>;
@@ -253,20 +231,12 @@ ffi::Error DeformRoiPoolBwdCpuImpl(ffi::ThreadPool pool, ffi::AnyBuffer grad_poo
                                   gamma);
   if (!params) return params.error();
   const RoiPoolParams& p = *params;
+  if (ffi::Error e = CheckRoiPoolBwdBuffers(kOp, p, grad_pooled, features, offset,
+                                            *grad_features, *grad_offset);
+      e.failure()) {
+    return e;
+  }
   const ffi::DataType dtype = features.element_type();
-  if (grad_pooled.element_type() != dtype || grad_features->element_type() != dtype ||
-      grad_offset->element_type() != dtype) {
-    return ffi::Error::InvalidArgument(std::string(kOp) +
-                                       ": gradients must have the dtype of features");
-  }
-  for (ffi::Error e :
-       {ExpectShape(kOp, "grad_pooled", grad_pooled.dimensions(),
-                    {p.rois, p.out_height, p.out_width, p.channels}),
-        ExpectSameShape(kOp, "grad_features", grad_features->dimensions(),
-                        features.dimensions()),
-        ExpectSameShape(kOp, "grad_offsets", grad_offset->dimensions(), offset.dimensions())}) {
-    if (e.failure()) return e;
-  }
   return DispatchCpu(kOp, dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = AccType<T>;

@@ -43,15 +43,7 @@ ffi::Error DeformIm2colCudaImpl(cudaStream_t stream, ffi::AnyBuffer input, ffi::
                                pad_h, pad_w, dilation_h, dilation_w, offset_groups);
   if (!params) return params.error();
   const ConvParams& p = *params;
-  if (columns->element_type() != input.element_type()) {
-    return ffi::Error::InvalidArgument(std::string(kOp) + ": columns dtype differs from inputs");
-  }
-  if (ffi::Error e = ExpectShape(kOp, "columns", columns->dimensions(),
-                                 {p.batch, p.out_height, p.out_width, p.kernel_points(),
-                                  p.channels});
-      e.failure()) {
-    return e;
-  }
+  if (ffi::Error e = CheckIm2colBuffers(kOp, p, input, *columns); e.failure()) return e;
   return CudaStatus(LaunchDeformIm2col(stream, *ToElementType(input.element_type()), p,
                                        input.untyped_data(), offset.untyped_data(),
                                        mask.untyped_data(), columns->untyped_data()),
@@ -73,19 +65,12 @@ ffi::Error DeformIm2colBwdCudaImpl(cudaStream_t stream, ffi::ScratchAllocator sc
                                pad_h, pad_w, dilation_h, dilation_w, offset_groups);
   if (!params) return params.error();
   const ConvParams& p = *params;
+  if (ffi::Error e = CheckIm2colBwdBuffers(kOp, p, grad_columns, input, offset, mask,
+                                           *grad_input, *grad_offset, *grad_mask);
+      e.failure()) {
+    return e;
+  }
   const ffi::DataType dtype = input.element_type();
-  if (grad_columns.element_type() != dtype || grad_input->element_type() != dtype ||
-      grad_offset->element_type() != dtype || grad_mask->element_type() != dtype) {
-    return ffi::Error::InvalidArgument(std::string(kOp) + ": all buffers must share one dtype");
-  }
-  for (ffi::Error e :
-       {ExpectShape(kOp, "grad_columns", grad_columns.dimensions(),
-                    {p.batch, p.out_height, p.out_width, p.kernel_points(), p.channels}),
-        ExpectSameShape(kOp, "grad_inputs", grad_input->dimensions(), input.dimensions()),
-        ExpectSameShape(kOp, "grad_offsets", grad_offset->dimensions(), offset.dimensions()),
-        ExpectSameShape(kOp, "grad_mask", grad_mask->dimensions(), mask.dimensions())}) {
-    if (e.failure()) return e;
-  }
   const ElementType type = *ToElementType(dtype);
   auto workspace = Workspace(scratch, DeformIm2colBackwardWorkspace(type, p, deterministic), kOp);
   if (!workspace) return workspace.error();
@@ -107,14 +92,7 @@ ffi::Error DeformRoiPoolCudaImpl(cudaStream_t stream, ffi::AnyBuffer features,
       MakeRoiPoolParams(kOp, features, rois, offset, spatial_scale, sampling_ratio, gamma);
   if (!params) return params.error();
   const RoiPoolParams& p = *params;
-  if (pooled->element_type() != features.element_type()) {
-    return ffi::Error::InvalidArgument(std::string(kOp) + ": pooled dtype differs from features");
-  }
-  if (ffi::Error e = ExpectShape(kOp, "pooled", pooled->dimensions(),
-                                 {p.rois, p.out_height, p.out_width, p.channels});
-      e.failure()) {
-    return e;
-  }
+  if (ffi::Error e = CheckRoiPoolBuffers(kOp, p, features, *pooled); e.failure()) return e;
   return CudaStatus(LaunchDeformRoiPool(stream, *ToElementType(features.element_type()), p,
                                         features.untyped_data(), rois.untyped_data(),
                                         offset.untyped_data(), pooled->untyped_data()),
@@ -132,20 +110,12 @@ ffi::Error DeformRoiPoolBwdCudaImpl(cudaStream_t stream, ffi::ScratchAllocator s
       MakeRoiPoolParams(kOp, features, rois, offset, spatial_scale, sampling_ratio, gamma);
   if (!params) return params.error();
   const RoiPoolParams& p = *params;
+  if (ffi::Error e = CheckRoiPoolBwdBuffers(kOp, p, grad_pooled, features, offset,
+                                            *grad_features, *grad_offset);
+      e.failure()) {
+    return e;
+  }
   const ffi::DataType dtype = features.element_type();
-  if (grad_pooled.element_type() != dtype || grad_features->element_type() != dtype ||
-      grad_offset->element_type() != dtype) {
-    return ffi::Error::InvalidArgument(std::string(kOp) +
-                                       ": gradients must have the dtype of features");
-  }
-  for (ffi::Error e :
-       {ExpectShape(kOp, "grad_pooled", grad_pooled.dimensions(),
-                    {p.rois, p.out_height, p.out_width, p.channels}),
-        ExpectSameShape(kOp, "grad_features", grad_features->dimensions(),
-                        features.dimensions()),
-        ExpectSameShape(kOp, "grad_offsets", grad_offset->dimensions(), offset.dimensions())}) {
-    if (e.failure()) return e;
-  }
   const ElementType type = *ToElementType(dtype);
   auto workspace =
       Workspace(scratch, DeformRoiPoolBackwardWorkspace(type, p, deterministic), kOp);

@@ -187,6 +187,78 @@ inline ffi::ErrorOr<RoiPoolParams> MakeRoiPoolParams(
   return p;
 }
 
+// The dtype and shape of every other buffer of the four targets, once the parameters are known.
+
+// columns [N, Ho, Wo, K, C] in the dtype of inputs.
+inline ffi::Error CheckIm2colBuffers(const char* op, const ConvParams& p,
+                                     const ffi::AnyBuffer& input, const ffi::AnyBuffer& columns) {
+  if (columns.element_type() != input.element_type()) {
+    return ffi::Error::InvalidArgument(std::string(op) + ": columns dtype differs from inputs");
+  }
+  return ExpectShape(op, "columns", columns.dimensions(),
+                     {p.batch, p.out_height, p.out_width, p.kernel_points(), p.channels});
+}
+
+// grad_columns like the columns; grad_inputs, grad_offsets, grad_mask like their primals; one
+// dtype throughout.
+inline ffi::Error CheckIm2colBwdBuffers(const char* op, const ConvParams& p,
+                                        const ffi::AnyBuffer& grad_columns,
+                                        const ffi::AnyBuffer& input, const ffi::AnyBuffer& offset,
+                                        const ffi::AnyBuffer& mask,
+                                        const ffi::AnyBuffer& grad_input,
+                                        const ffi::AnyBuffer& grad_offset,
+                                        const ffi::AnyBuffer& grad_mask) {
+  const ffi::DataType dtype = input.element_type();
+  if (grad_columns.element_type() != dtype || grad_input.element_type() != dtype ||
+      grad_offset.element_type() != dtype || grad_mask.element_type() != dtype) {
+    return ffi::Error::InvalidArgument(std::string(op) + ": all buffers must share one dtype");
+  }
+  for (ffi::Error e :
+       {ExpectShape(op, "grad_columns", grad_columns.dimensions(),
+                    {p.batch, p.out_height, p.out_width, p.kernel_points(), p.channels}),
+        ExpectSameShape(op, "grad_inputs", grad_input.dimensions(), input.dimensions()),
+        ExpectSameShape(op, "grad_offsets", grad_offset.dimensions(), offset.dimensions()),
+        ExpectSameShape(op, "grad_mask", grad_mask.dimensions(), mask.dimensions())}) {
+    if (e.failure()) return e;
+  }
+  return ffi::Error::Success();
+}
+
+// pooled [R, Ho, Wo, C] in the dtype of features.
+inline ffi::Error CheckRoiPoolBuffers(const char* op, const RoiPoolParams& p,
+                                      const ffi::AnyBuffer& features,
+                                      const ffi::AnyBuffer& pooled) {
+  if (pooled.element_type() != features.element_type()) {
+    return ffi::Error::InvalidArgument(std::string(op) + ": pooled dtype differs from features");
+  }
+  return ExpectShape(op, "pooled", pooled.dimensions(),
+                     {p.rois, p.out_height, p.out_width, p.channels});
+}
+
+// grad_pooled like the pooled output; grad_features, grad_offsets like their primals; all in the
+// dtype of features.
+inline ffi::Error CheckRoiPoolBwdBuffers(const char* op, const RoiPoolParams& p,
+                                         const ffi::AnyBuffer& grad_pooled,
+                                         const ffi::AnyBuffer& features,
+                                         const ffi::AnyBuffer& offset,
+                                         const ffi::AnyBuffer& grad_features,
+                                         const ffi::AnyBuffer& grad_offset) {
+  const ffi::DataType dtype = features.element_type();
+  if (grad_pooled.element_type() != dtype || grad_features.element_type() != dtype ||
+      grad_offset.element_type() != dtype) {
+    return ffi::Error::InvalidArgument(std::string(op) +
+                                       ": gradients must have the dtype of features");
+  }
+  for (ffi::Error e :
+       {ExpectShape(op, "grad_pooled", grad_pooled.dimensions(),
+                    {p.rois, p.out_height, p.out_width, p.channels}),
+        ExpectSameShape(op, "grad_features", grad_features.dimensions(), features.dimensions()),
+        ExpectSameShape(op, "grad_offsets", grad_offset.dimensions(), offset.dimensions())}) {
+    if (e.failure()) return e;
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace flaxdcn
 
 #endif  // FLAXDCN_XLA_EXT_FFI_COMMON_H_
