@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from flaxdcn._geometry import PaddingLike
+from flaxdcn.linen._common import flatten_batch, kernel_and_bias, spatial_pair
 from flaxdcn.ops.deform_conv import deform_conv2d
 
 Array = jax.Array
@@ -56,26 +57,9 @@ class _DeformConvBase(nn.Module):
       ``"intermediates"`` collection as ``"offsets"`` (``"mask"``): pass
       ``mutable=["intermediates"]`` to ``apply`` to read them.
     """
-    kernel_size = ((self.kernel_size,) * 2 if isinstance(self.kernel_size, int)
-                   else tuple(self.kernel_size))
-    if len(kernel_size) != 2:
-      raise ValueError(f"{type(self).__name__}: kernel_size must be an int or a pair, got "
-                       f"{self.kernel_size!r}.")
-    if inputs.ndim < 3:
-      raise ValueError(f"{type(self).__name__}: inputs has shape {inputs.shape}, expected "
-                       "[*batch, H, W, C].")
-    batch_shape = inputs.shape[:-3]
-    inputs = inputs.reshape((-1,) + inputs.shape[-3:])
-
-    in_features = inputs.shape[-1]
-    if in_features % self.feature_group_count:
-      raise ValueError(f"{type(self).__name__}: inputs has {in_features} channels, not divisible "
-                       f"by feature_group_count={self.feature_group_count}.")
-    kernel = self.param("kernel", self.kernel_init,
-                        kernel_size + (in_features // self.feature_group_count, self.features),
-                        self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
+    kernel_size = spatial_pair(self, self.kernel_size, "kernel_size")
+    inputs, batch_shape = flatten_batch(self, inputs)
+    kernel, bias = kernel_and_bias(self, kernel_size, inputs.shape[-1])
 
     k = kernel_size[0] * kernel_size[1] * self.offset_group_count
     head = nn.Conv(

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from flaxdcn._geometry import PaddingLike
+from flaxdcn.linen._common import flatten_batch, kernel_and_bias, spatial_pair
 from flaxdcn.ops.deformable_kernel import deformable_kernel_conv2d
 
 Array = jax.Array
@@ -42,12 +43,6 @@ class _DeformableKernelBase(nn.Module):
 
   local = False
 
-  def _pair(self, value: Any, name: str) -> tuple[int, int]:
-    pair = (value,) * 2 if isinstance(value, int) else tuple(value)
-    if len(pair) != 2:
-      raise ValueError(f"{type(self).__name__}: {name} must be an int or a pair, got {value!r}.")
-    return pair  # type: ignore[return-value]
-
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     """Applies the Deformable Kernels convolution.
@@ -61,27 +56,14 @@ class _DeformableKernelBase(nn.Module):
       ``[*batch, Ho, Wo, kh * kw * 2]`` local) are sown into the ``"intermediates"`` collection as
       ``"offsets"``: pass ``mutable=["intermediates"]`` to ``apply`` to read them.
     """
-    kernel_size = self._pair(self.kernel_size, "kernel_size")
+    kernel_size = spatial_pair(self, self.kernel_size, "kernel_size")
     scope_size = (kernel_size if self.scope_size is None
-                  else self._pair(self.scope_size, "scope_size"))
+                  else spatial_pair(self, self.scope_size, "scope_size"))
     if scope_size[0] < kernel_size[0] or scope_size[1] < kernel_size[1]:
       raise ValueError(f"{type(self).__name__}: scope_size {scope_size} must be at least "
                        f"kernel_size {kernel_size} on both axes.")
-    if inputs.ndim < 3:
-      raise ValueError(f"{type(self).__name__}: inputs has shape {inputs.shape}, expected "
-                       "[*batch, H, W, C].")
-    batch_shape = inputs.shape[:-3]
-    inputs = inputs.reshape((-1,) + inputs.shape[-3:])
-
-    in_features = inputs.shape[-1]
-    if in_features % self.feature_group_count:
-      raise ValueError(f"{type(self).__name__}: inputs has {in_features} channels, not divisible "
-                       f"by feature_group_count={self.feature_group_count}.")
-    kernel = self.param("kernel", self.kernel_init,
-                        scope_size + (in_features // self.feature_group_count, self.features),
-                        self.param_dtype)
-    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
+    inputs, batch_shape = flatten_batch(self, inputs)
+    kernel, bias = kernel_and_bias(self, scope_size, inputs.shape[-1])
     head = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
                 kernel_init=nn.initializers.zeros_init(), bias_init=nn.initializers.zeros_init())
     num_offsets = kernel_size[0] * kernel_size[1] * 2
