@@ -130,7 +130,8 @@ def test_cuda_kernels_compiled_where_nvcc_is_present():
   this is what proves, on GPU-less CI, that the CUDA code builds."""
   info = _ffi.build_info()
   assert info["cuda"] is True, info
-  assert info["cuda_architectures"] == "80-real,90-real,90-virtual", info
+  if "FLAXDCN_CUDA_ARCHITECTURES" not in os.environ:
+    assert info["cuda_architectures"] == "80-real,90-real,90-virtual", info
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
