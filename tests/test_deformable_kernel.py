@@ -19,7 +19,7 @@ from jax.test_util import check_grads
 
 import flaxdcn.ops.deformable_kernel as dkm
 import reference_deformable_kernel as ref
-from flaxdcn.ops.deform_conv import _columns_matmul
+from flaxdcn.ops.deform_conv import columns_matmul
 from flaxdcn.ops.deformable_kernel import deformable_kernel_conv2d
 from tolerances import assert_close
 
@@ -219,7 +219,7 @@ def test_local_algorithms_agree(channels, groups, out_features, per_position):
   columns = jnp.asarray(rng.standard_normal((2, 3, 4, k, channels)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((*scope_size, channels // groups, out_features)),
                        jnp.float32)
-  scattered = _columns_matmul(dkm.scatter_columns(beta, columns), kernel, groups,
+  scattered = columns_matmul(dkm.scatter_columns(beta, columns), kernel, groups,
                               lax.Precision.HIGHEST)
   assert_close(dkm._per_position_kernels(columns, beta, kernel, groups), scattered)
 

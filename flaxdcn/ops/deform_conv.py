@@ -105,7 +105,7 @@ def deform_conv2d(
   mask = None if mask is None else jnp.asarray(mask, dtype)
   columns = deform_im2col(inputs, offsets, mask, geometry, implementation=implementation,
                           deterministic_backward=deterministic_backward)
-  out = _columns_matmul(columns, kernel, feature_group_count, precision)
+  out = columns_matmul(columns, kernel, feature_group_count, precision)
   if bias is not None:
     out = out + jnp.asarray(bias, dtype)
   return out
@@ -122,7 +122,7 @@ def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
                             deterministic_backward=deterministic_backward, fallback=fallback)
 
 
-def _columns_matmul(columns: jax.Array, kernel: jax.Array, groups: int, precision: Any
+def columns_matmul(columns: jax.Array, kernel: jax.Array, groups: int, precision: Any
                     ) -> jax.Array:
   """``[N, Ho, Wo, K, C] x [kh, kw, C // F, O] -> [N, Ho, Wo, O]``, one GEMM per feature group."""
   # Each reshape splits or merges one group of non-batch axes, which explicit sharding accepts.

@@ -26,7 +26,7 @@ from jax import lax
 from flaxdcn._geometry import (ConvGeometry, PaddingLike, check_implementation, compute_dtype,
                                pair, result_dtype, shape_error)
 from flaxdcn.ops import _xla_conv
-from flaxdcn.ops.deform_conv import _columns_matmul
+from flaxdcn.ops.deform_conv import columns_matmul
 
 _FN = "deformable_kernel_conv2d"
 
@@ -226,7 +226,7 @@ def _local_conv(columns: jax.Array, offsets: jax.Array, kernel: jax.Array,
   if per_position_kernels_are_cheaper(kernel_size[0] * kernel_size[1], s_h * s_w,
                                       columns.shape[-1], group_in, out_features):
     return _per_position_kernels(columns, beta, kernel, groups)
-  return _columns_matmul(scatter_columns(beta, columns), kernel, groups, precision)
+  return columns_matmul(scatter_columns(beta, columns), kernel, groups, precision)
 
 
 def per_position_kernels_are_cheaper(k: int, s: int, channels: int, group_in: int,
