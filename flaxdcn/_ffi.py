@@ -6,7 +6,9 @@ deformable RoI pooling) with
 - a lowering per platform, chosen when the program is lowered: the XLA FFI custom call on the
   platforms this build has kernels for (``cpu`` always, ``cuda`` when compiled with CUDA), and
   elsewhere the pure-jnp ``fallback`` (``implementation=None``) or a clear error
-  (``implementation="ffi"``, ``fallback=None``);
+  (``implementation="ffi"``, ``fallback=None``); on a machine whose CUDA driver is older than
+  the kernels' CUDA runtime, the ``cuda`` lowering takes the fallback with one warning, or raises
+  for ``implementation="ffi"`` (both name the two versions);
 - a batching rule that folds a vmapped axis into the batch axis (one kernel launch, any depth of
   ``vmap``);
 - for the convolution, batch partitioning: the custom call carries a ``num_batch_dims`` frontend
@@ -21,6 +23,7 @@ a CUDA target on a CPU-only jaxlib is harmless: it is queued for a CUDA plugin).
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -81,8 +84,10 @@ def build_info() -> dict[str, Any]:
 
   ``ffi_api`` is the XLA FFI API version of the jaxlib headers the kernels were compiled against;
   the kernels run on any jaxlib whose FFI API is at least that version. CUDA builds add
-  ``cuda_runtime`` and ``cuda_architectures``. Without a compiled module, ``cpu`` and ``cuda`` are
-  False and ``error`` says why.
+  ``cuda_runtime`` (the statically linked CUDA runtime, ``(major, minor)``),
+  ``cuda_architectures`` and ``cuda_driver``: the CUDA version the installed driver supports, or
+  None where no driver is installed. The kernels need ``cuda_driver[0] >= cuda_runtime[0]``.
+  Without a compiled module, ``cpu`` and ``cuda`` are False and ``error`` says why.
   """
   if _native is None:
     return {"cpu": False, "cuda": False, "ffi_api": None, "error": _IMPORT_ERROR}
@@ -164,11 +169,65 @@ def _native_lowering(target: str, attributes: Callable[..., dict[str, Any]],
   return rule
 
 
+def _gpu_backend_present() -> bool:
+  try:
+    return bool(jax.devices("cuda"))
+  except RuntimeError:  # no CUDA backend: CPU-only machines, or lowering for export only
+    return False
+
+
+@functools.cache
+def _cuda_driver_problem() -> str | None:
+  """Why the CUDA kernels cannot run on this machine's GPU backend, or None.
+
+  The kernels link the CUDA runtime statically, which fails every call (cudaErrorInsufficientDriver)
+  on a driver older than the runtime's major version, although jax's own CUDA plugin may work
+  there. Only a machine where jax has a CUDA backend is checked: lowering for ``cuda`` elsewhere
+  (``jax.export``) needs no driver.
+  """
+  if not _gpu_backend_present():
+    return None
+  info = build_info()
+  runtime, driver = tuple(info["cuda_runtime"]), info.get("cuda_driver")
+  if driver is not None and tuple(driver)[0] >= runtime[0]:
+    return None
+  found = "no CUDA driver" if driver is None else f"a driver for CUDA {driver[0]}.{driver[1]}"
+  return (f"this machine has {found}, but flaxdcn's CUDA kernels were built with the CUDA "
+          f"{runtime[0]}.{runtime[1]} runtime (linked statically), which needs a driver for CUDA "
+          f"{runtime[0]}.0 or newer")
+
+
+@functools.cache
+def _warn_cuda_fallback(problem: str) -> None:
+  warnings.warn(f"flaxdcn: {problem}; implementation=None runs the pure-jnp ('xla') "
+                "implementation on the GPU instead (update the driver, or rebuild flaxdcn with the "
+                "driver's CUDA toolkit, for the native kernels).", RuntimeWarning, stacklevel=2)
+
+
+def _cuda_checked(native_rule, fallback_rule, op: str):
+  """The CUDA lowering: native where the driver can run the kernels; otherwise the fallback with
+  one warning (``implementation=None``) or an error (``implementation="ffi"``)."""
+
+  def rule(ctx, *args, fallback, **params):
+    problem = _cuda_driver_problem()
+    if problem is None:
+      return native_rule(ctx, *args, fallback=fallback, **params)
+    if fallback is None:
+      raise RuntimeError(f"{op}: implementation='ffi' cannot run the CUDA kernels: {problem}. "
+                         "Use implementation=None or 'xla'.")
+    _warn_cuda_fallback(problem)
+    return fallback_rule(ctx, *args, fallback=fallback, **params)
+
+  return rule
+
+
 def _register_lowerings(prim: Primitive, target: str, attributes, fallback_rule,
                         batch_partitionable: bool) -> None:
   for platform in _TARGETS:
-    mlir.register_lowering(prim, _native_lowering(target, attributes, batch_partitionable),
-                           platform=platform)
+    rule = _native_lowering(target, attributes, batch_partitionable)
+    if platform == "cuda":
+      rule = _cuda_checked(rule, fallback_rule, prim.name)
+    mlir.register_lowering(prim, rule, platform=platform)
   mlir.register_lowering(prim, fallback_rule)  # every other platform
 
 

@@ -59,10 +59,19 @@ PYBIND11_MODULE(_native, m) {
     info["cuda"] = true;
     info["cuda_runtime"] = py::make_tuple(CUDART_VERSION / 1000, (CUDART_VERSION % 1000) / 10);
     info["cuda_architectures"] = FLAXDCN_CUDA_ARCHITECTURES;
+    // The CUDA version the installed driver supports; 0 (None here) when no driver is installed.
+    // The static runtime above needs a driver of at least its own major version.
+    int driver = 0;
+    if (cudaDriverGetVersion(&driver) != cudaSuccess) driver = 0;
+    if (driver > 0) {
+      info["cuda_driver"] = py::make_tuple(driver / 1000, (driver % 1000) / 10);
+    } else {
+      info["cuda_driver"] = py::none();
+    }
 #else
     info["cuda"] = false;
 #endif
     return info;
-  }, "Facts of this build: kernels per platform, XLA FFI API version, CUDA runtime and "
-     "architectures.");
+  }, "Facts of this build: kernels per platform, XLA FFI API version, CUDA runtime, "
+     "architectures and the installed driver's CUDA version.");
 }
