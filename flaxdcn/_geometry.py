@@ -153,3 +153,40 @@ class RoIPoolGeometry:
   spatial_scale: float
   sampling_ratio: int
   gamma: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Dcnv3Geometry:
+  """Static parameters of one DCNv3/DCNv4 sampling (hashable: used as a static argument).
+
+  ``conv`` holds the window (its ``offset_groups`` are the DCNv3 groups). Sample of output
+  ``(y, x)``, kernel column ``i``, kernel row ``j``::
+
+    w = x * strides[1] - padding[1][0] + c_w + (i * dilation[1] - c_w + dx) * offset_scale
+    h = y * strides[0] - padding[0][0] + c_h + (j * dilation[0] - c_h + dy) * offset_scale
+
+  with ``c = (dilation * (k - 1)) // 2``; points run column-major, ``p = i * kh + j``, skipping
+  ``(kw // 2, kh // 2)`` when ``remove_center``.
+  """
+  conv: ConvGeometry
+  offset_scale: float
+  remove_center: bool
+
+  @property
+  def groups(self) -> int:
+    return self.conv.offset_groups
+
+  @property
+  def num_points(self) -> int:
+    return self.conv.num_kernel_points - int(self.remove_center)
+
+  @property
+  def center(self) -> tuple[int, int]:
+    """``(c_h, c_w)``."""
+    return tuple((d * (k - 1)) // 2 for k, d in zip(self.conv.kernel_size, self.conv.dilation))
+
+  @property
+  def offset_mask_channels(self) -> int:
+    """``D``: the ``G * P * 3`` channels of DCNv4's ``offset_mask``, rounded up to a multiple
+    of 8."""
+    return -(-self.groups * self.num_points * 3 // 8) * 8
