@@ -22,7 +22,7 @@ import flaxdcn
 from flaxdcn import _ffi
 from flaxdcn._geometry import ConvGeometry, RoIPoolGeometry
 from flaxdcn.ops import _xla_conv
-from flaxdcn.ops import roi_pool as roi_pool_ops
+from flaxdcn.ops import _xla_roi_pool
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not _ffi.available("cpu"), reason="native CPU kernels not built")
@@ -423,7 +423,7 @@ def roi_setup(dtype, sampling_ratio, with_offsets=True, seed=8):
 
 def roi_vjp(implementation, features, rois, offsets, geometry, cotangent):
   if implementation == "xla":
-    pool = lambda f, o: roi_pool_ops.deform_roi_pool_xla(f, rois, o, geometry)
+    pool = lambda f, o: _xla_roi_pool.deform_roi_pool_xla(f, rois, o, geometry)
   else:
     pool = lambda f, o: _ffi.deform_roi_pool(f, rois, o, geometry, deterministic_backward=False,
                                              fallback=None)
@@ -577,7 +577,7 @@ def test_cuda_roi_pool_matches_xla(dtype, deterministic):
 
     def run(implementation):
       if implementation == "xla":
-        pool = lambda f, o: roi_pool_ops.deform_roi_pool_xla(f, rois, o, geometry)
+        pool = lambda f, o: _xla_roi_pool.deform_roi_pool_xla(f, rois, o, geometry)
       else:
         pool = lambda f, o: _ffi.deform_roi_pool(f, rois, o, geometry,
                                                  deterministic_backward=deterministic,

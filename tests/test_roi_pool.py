@@ -14,7 +14,7 @@ from jax.test_util import check_grads
 
 import flaxdcn
 import reference_roi_pool as ref
-from flaxdcn.ops import roi_pool
+from flaxdcn.ops import _xla_roi_pool
 from flaxdcn.ops.roi_pool import deform_roi_pool
 from tolerances import assert_close
 
@@ -335,19 +335,19 @@ def test_ladder_every_branch_and_subchunks(monkeypatch):
   want, want_grads = expected(args, case, cotangent=cotangent)
 
   configs, branches = [], []
-  pool = roi_pool._pool
+  pool = _xla_roi_pool._pool
 
   def spy(config, features, origin_h, origin_w, plan, branch):
     configs.append(config)
     jax.debug.callback(lambda b: branches.append(np.asarray(b)), branch)
     return pool(config, features, origin_h, origin_w, plan, branch)
 
-  monkeypatch.setattr(roi_pool, "_pool", spy)
-  monkeypatch.setattr(roi_pool, "_CHUNK", 8)  # nine chunks
+  monkeypatch.setattr(_xla_roi_pool, "_pool", spy)
+  monkeypatch.setattr(_xla_roi_pool, "_CHUNK", 8)  # nine chunks
   with jax.enable_x64(True):
     jargs = to_jnp(args, jnp.float64)
-    for budget in (roi_pool._BUDGET, 4000):
-      monkeypatch.setattr(roi_pool, "_BUDGET", budget)
+    for budget in (_xla_roi_pool._BUDGET, 4000):
+      monkeypatch.setattr(_xla_roi_pool, "_BUDGET", budget)
 
       @jax.jit
       def pool_and_vjp(features, offsets, mask, cotangent):
