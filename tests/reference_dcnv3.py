@@ -34,6 +34,12 @@ class V3Case:
   offset_scale: float = 1.0
   remove_center: bool = False
 
+  def __post_init__(self):
+    for name in ("kernel", "strides", "padding", "dilation"):
+      value = getattr(self, name)
+      if isinstance(value, int):
+        object.__setattr__(self, name, (value, value))
+
   @property
   def points(self) -> int:
     return self.kernel[0] * self.kernel[1] - int(self.remove_center)
