@@ -2,6 +2,8 @@
 
 from flaxdcn._ffi import build_info as build_info
 from flaxdcn.linen.conv import DeformConv as DeformConv
+from flaxdcn.linen.dcnv3 import DCNv3 as DCNv3
+from flaxdcn.linen.dcnv3 import DCNv4 as DCNv4
 from flaxdcn.linen.conv import ModulatedDeformConv as ModulatedDeformConv
 from flaxdcn.linen.deformable_kernel import GlobalDeformableKernel as GlobalDeformableKernel
 from flaxdcn.linen.deformable_kernel import LocalDeformableKernel as LocalDeformableKernel

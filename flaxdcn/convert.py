@@ -265,3 +265,145 @@ class TorchLayer:
 def _shape_text(shape: tuple[int | str | None, ...]) -> str:
   return "(" + ", ".join("?" if s is None else str(s) for s in shape) + (
       ",)" if len(shape) == 1 else ")")
+
+
+# DCNv3 (InternImage) and DCNv4 (FlashInternImage).
+
+
+def _linear_params(layer: TorchLayer, name: str, out: int | None, inp: int, what: str,
+                   bias: bool = True) -> Params:
+  """``Linear`` ``name`` (weight ``[out, inp]``) as ``{"kernel": [inp, out], "bias": [out]}``."""
+  weight = layer.array(f"{name}.weight", (out, inp), f"[{what}]")
+  params: Params = {"kernel": dense_kernel(weight)}
+  if bias:
+    params["bias"] = layer.array(f"{name}.bias", (weight.shape[0],), f"[{what.split(',')[0]}]")
+  return params
+
+
+def _depthwise_params(layer: TorchLayer, name: str, channels: int) -> Params:
+  """Depthwise ``Conv2d`` ``name`` (weight ``[C, 1, k, k]``) as a ``nn.Conv`` tree."""
+  weight = layer.array(f"{name}.weight", (channels, 1, None, None), "[C, 1, k, k]")
+  return {"kernel": oihw_to_hwio(weight),
+          "bias": layer.array(f"{name}.bias", (channels,), "[C]")}
+
+
+def _center_feature_scale_params(layer: TorchLayer, params: Params, channels: int) -> None:
+  if "center_feature_scale_proj_weight" in layer:
+    weight = layer.array("center_feature_scale_proj_weight", (None, channels), "[G, C]")
+    params["center_feature_scale_proj_weight"] = weight
+    params["center_feature_scale_proj_bias"] = layer.array(
+        "center_feature_scale_proj_bias", (weight.shape[0],), "[G]")
+
+
+def dcnv3_params_from_torch(state_dict: Mapping[str, Any], prefix: str = "") -> Params:
+  """The ``params`` of :class:`~flaxdcn.DCNv3` from InternImage's ``DCNv3`` / ``DCNv3_pytorch``.
+
+  Every name is kept except the ``nn.Sequential`` ``dw_conv``: its conv ``dw_conv.0`` becomes
+  ``dw_conv`` and its LayerNorm ``dw_conv.1.1`` becomes ``dw_norm`` (``weight`` -> ``scale``).
+  ``Linear`` weights are transposed, the depthwise weight goes OIHW -> HWIO; the offset and mask
+  channel orders are the op's, so nothing is reordered. ``center_feature_scale_proj_weight``
+  ``[G, C]`` and ``_bias`` ``[G]`` are copied as they are, when present.
+
+  Example usage::
+
+    >>> import numpy as np
+    >>> import jax, jax.numpy as jnp
+    >>> import flaxdcn
+    >>> from flaxdcn.convert import dcnv3_params_from_torch
+    >>> rng = np.random.default_rng(0)
+    >>> c, gp = 8, 2 * 9  # DCNv3(channels=8, group=2, kernel_size=3)
+    >>> shapes = {"input_proj.weight": (c, c), "input_proj.bias": (c,),
+    ...           "dw_conv.0.weight": (c, 1, 3, 3), "dw_conv.0.bias": (c,),
+    ...           "dw_conv.1.1.weight": (c,), "dw_conv.1.1.bias": (c,),
+    ...           "offset.weight": (2 * gp, c), "offset.bias": (2 * gp,),
+    ...           "mask.weight": (gp, c), "mask.bias": (gp,),
+    ...           "output_proj.weight": (c, c), "output_proj.bias": (c,)}
+    >>> state_dict = {k: rng.normal(size=s) for k, s in shapes.items()}
+    >>> params = dcnv3_params_from_torch(state_dict)
+    >>> params["dw_norm"]["scale"].shape, params["offset"]["kernel"].shape
+    ((8,), (8, 36))
+    >>> flaxdcn.DCNv3(group_count=2).apply({"params": params}, jnp.ones((1, 5, 5, 8))).shape
+    (1, 5, 5, 8)
+
+  Args:
+    state_dict: names to arrays: torch tensors (any device), numpy or JAX arrays.
+    prefix: the layer's name in ``state_dict`` (e.g. ``"levels.0.blocks.0.dcn"``).
+
+  Returns:
+    ``{"input_proj", "dw_conv", "dw_norm", "offset", "mask", "output_proj"}`` (and the two
+    ``center_feature_scale_proj_*`` arrays) as linen trees.
+
+  Raises:
+    ValueError: a missing key or a tensor of the wrong shape (named with its expected shape).
+  """
+  layer = TorchLayer("dcnv3_params_from_torch", state_dict, prefix)
+  channels = layer.array("input_proj.weight", (None, None), "[C, C]").shape[1]
+  params: Params = {
+      "input_proj": _linear_params(layer, "input_proj", channels, channels, "C, C"),
+      "dw_conv": _depthwise_params(layer, "dw_conv.0", channels),
+      "dw_norm": {"scale": layer.array("dw_conv.1.1.weight", (channels,), "[C]"),
+                  "bias": layer.array("dw_conv.1.1.bias", (channels,), "[C]")},
+      "offset": _linear_params(layer, "offset", None, channels, "G·P·2, C"),
+      "mask": _linear_params(layer, "mask", None, channels, "G·P, C"),
+      "output_proj": _linear_params(layer, "output_proj", channels, channels, "C, C"),
+  }
+  if 2 * params["mask"]["kernel"].shape[1] != params["offset"]["kernel"].shape[1]:
+    raise layer.shape_error("offset.weight", params["offset"]["kernel"].shape[::-1],
+                            (2 * params["mask"]["kernel"].shape[1], channels),
+                            "[G·P·2, C], twice mask.weight's rows")
+  _center_feature_scale_params(layer, params, channels)
+  return params
+
+
+def dcnv4_params_from_torch(state_dict: Mapping[str, Any], prefix: str = "") -> Params:
+  """The ``params`` of :class:`~flaxdcn.DCNv4` from FlashInternImage's ``DCNv4`` module.
+
+  Names are kept (``value_proj``, ``offset_mask``, ``output_proj`` and, where the checkpoint has
+  them, ``offset_mask_dw`` and ``center_feature_scale_proj_*``). ``Linear`` weights are
+  transposed and the depthwise weight goes OIHW -> HWIO; ``offset_mask``'s ``D`` outputs (with
+  their padding channels) keep their order. Build the module with ``dw_kernel_size`` when the
+  tree has ``offset_mask_dw``, ``without_pointwise=True`` when it has no ``value_proj``, and
+  ``output_bias=False`` when ``output_proj`` has no bias.
+
+  Example usage::
+
+    >>> import numpy as np
+    >>> import jax.numpy as jnp
+    >>> import flaxdcn
+    >>> from flaxdcn.convert import dcnv4_params_from_torch
+    >>> rng = np.random.default_rng(0)
+    >>> c, d = 8, 56  # DCNv4(channels=8, group=2): 2 * 9 * 3 = 54, padded to 56
+    >>> shapes = {"value_proj.weight": (c, c), "value_proj.bias": (c,),
+    ...           "offset_mask.weight": (d, c), "offset_mask.bias": (d,),
+    ...           "output_proj.weight": (c, c), "output_proj.bias": (c,)}
+    >>> params = dcnv4_params_from_torch({k: rng.normal(size=s) for k, s in shapes.items()})
+    >>> params["offset_mask"]["kernel"].shape
+    (8, 56)
+    >>> flaxdcn.DCNv4(group_count=2).apply({"params": params}, jnp.ones((1, 5, 5, 8))).shape
+    (1, 5, 5, 8)
+
+  Args:
+    state_dict: names to arrays: torch tensors (any device), numpy or JAX arrays.
+    prefix: the layer's name in ``state_dict``.
+
+  Returns:
+    The linen ``params`` tree of :class:`~flaxdcn.DCNv4`.
+
+  Raises:
+    ValueError: a missing key or a tensor of the wrong shape (named with its expected shape).
+  """
+  layer = TorchLayer("dcnv4_params_from_torch", state_dict, prefix)
+  head = layer.array("offset_mask.weight", (None, None), "[D, C]")
+  width, channels = head.shape
+  if width % 8:
+    raise layer.shape_error("offset_mask.weight", head.shape, ("D", channels),
+                            "[D, C], D = G·P·3 rounded up to a multiple of 8")
+  params: Params = {"offset_mask": _linear_params(layer, "offset_mask", width, channels, "D, C")}
+  if "value_proj.weight" in layer:
+    params["value_proj"] = _linear_params(layer, "value_proj", channels, channels, "C, C")
+    params["output_proj"] = _linear_params(layer, "output_proj", channels, channels, "C, C",
+                                           bias="output_proj.bias" in layer)
+  if "offset_mask_dw.weight" in layer:
+    params["offset_mask_dw"] = _depthwise_params(layer, "offset_mask_dw", channels)
+  _center_feature_scale_params(layer, params, channels)
+  return params
