@@ -40,31 +40,45 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// Exponent e of a finite non-negative x: x < 2^e (frexp's, with 0 for x = 0 and 1024 for
+// non-finite x, which MaxAbs never produces).
+__device__ __forceinline__ int BoundExponent(double x) {
+  if (!(x > 0.0)) return 0;
+  if (!IsFinite(x)) return 1024;
+  int exponent;
+  frexp(x, &exponent);
+  return exponent;
+}
+
 __global__ void FixedPointScaleKernel(const unsigned long long* max_bits, bool use_second,
-                                      double factor, double* scale) {
+                                      double factor, FixedScale* scale) {
   const double first = __longlong_as_double(static_cast<long long>(max_bits[0]));
   const double second =
       use_second ? __longlong_as_double(static_cast<long long>(max_bits[1])) : 1.0;
-  const double bound = first * second * factor;
-  int exponent = 0;
-  if (bound > 0.0 && IsFinite(bound)) {
-    frexp(bound, &exponent);  // bound < 2^exponent
-  } else if (bound > 0.0) {
-    exponent = 1024;
-  }
-  *scale = ldexp(1.0, 62 - exponent);
+  // A contribution is a double of magnitude at most first * second, rounded: below 2^1024 when
+  // finite, and at least 2^-1074 when nonzero. The bound's exponent is formed from the factors'
+  // exponents, never from their product, which can overflow or underflow.
+  int exponent = BoundExponent(first) + BoundExponent(second);
+  exponent = exponent < -1073 ? -1073 : exponent > 1024 ? 1024 : exponent;
+  exponent += BoundExponent(factor);
+  const int shift = 62 - exponent;  // in [-1026, 1135]
+  scale->first = ldexp(1.0, shift - shift / 2);
+  scale->second = ldexp(1.0, shift / 2);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
     FinishFixedKernel(const unsigned long long* __restrict__ fixed,
-                      const Acc<T>* __restrict__ special, const double* scale, T* __restrict__ out,
-                      int64_t n) {
-  const double inverse = 1.0 / *scale;
+                      const Acc<T>* __restrict__ special, const FixedScale* scale,
+                      T* __restrict__ out, int64_t n) {
+  // The scale's factors are powers of two in [2^-513, 2^568]: their inverses are exact.
+  const double inverse_first = 1.0 / scale->first;
+  const double inverse_second = 1.0 / scale->second;
   for (int64_t i = blockIdx.x * int64_t{kBlockThreads} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * kBlockThreads) {
     const Acc<T> s = special[i];
-    const double sum = static_cast<double>(static_cast<long long>(fixed[i])) * inverse;
+    const double sum =
+        static_cast<double>(static_cast<long long>(fixed[i])) * inverse_first * inverse_second;
     out[i] = FromAcc<T>(s != Acc<T>(0) ? s : static_cast<Acc<T>>(sum));  // NaN != 0 too
   }
 }
@@ -83,7 +97,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 size_t GradWorkspaceBytes(ElementType type, int64_t elements, bool deterministic) {
   const size_t n = static_cast<size_t>(elements);
   if (deterministic) {
-    return AlignUp(n * 8) + AlignUp(n * AccBytes(type)) + AlignUp(2 * 8) + AlignUp(8);
+    return AlignUp(n * 8) + AlignUp(n * AccBytes(type)) + AlignUp(2 * 8) +
+           AlignUp(sizeof(FixedScale));
   }
   // Float32 and float64 accumulate into the gradient itself; half types into float32.
   return type == ElementType::kF32 || type == ElementType::kF64 ? 0 : AlignUp(n * 4);
@@ -105,7 +120,7 @@ cudaError_t PrepareGrad(cudaStream_t stream, ElementType type, int64_t elements,
   base += AlignUp(n * AccBytes(type));
   buffers->max_bits = reinterpret_cast<unsigned long long*>(base);
   base += AlignUp(2 * 8);
-  buffers->scale = reinterpret_cast<double*>(base);
+  buffers->scale = reinterpret_cast<FixedScale*>(base);
   return cudaMemsetAsync(workspace, 0, GradWorkspaceBytes(type, elements, true), stream);
 }
 

@@ -14,12 +14,14 @@
 namespace flaxdcn {
 namespace cuda {
 
+struct FixedScale;  // cuda_common.cuh
+
 struct GradBuffers {
   void* atomic;                 // atomic mode: accumulation-type sums (grad itself for f32/f64)
   unsigned long long* fixed;    // fixed-point mode: 64-bit sums
   void* special;                // fixed-point mode: non-finite sums, accumulation type
   unsigned long long* max_bits;  // fixed-point mode: [2] bit patterns of max |.| as double
-  double* scale;                // fixed-point mode: fixed-point units per unit
+  FixedScale* scale;            // fixed-point mode: fixed-point units per unit
 };
 
 // Workspace bytes for a gradient of `elements` elements.
@@ -33,8 +35,9 @@ cudaError_t PrepareGrad(cudaStream_t stream, ElementType type, int64_t elements,
 cudaError_t LaunchMaxAbs(cudaStream_t stream, ElementType type, const void* x, int64_t n,
                          unsigned long long* max_bits, int slot);
 
-// Fixed-point mode: scale = 2^(62 - e) with max_bits[0] * max(max_bits[1], 1 if !use_second)
-// * factor < 2^e, so that any sum of contributions bounded by that product fits in 63 bits.
+// Fixed-point mode: scale = 2^(62 - e) with max_bits[0] * (max_bits[1] if use_second, else 1)
+// * factor < 2^e, so that any sum of `factor` contributions bounded by the product of the two
+// maxima fits in 63 bits. Exact for every finite maximum, from 0 and subnormals to DBL_MAX.
 cudaError_t LaunchFixedPointScale(cudaStream_t stream, const GradBuffers& buffers,
                                   bool use_second, double factor);
 

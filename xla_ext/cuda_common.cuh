@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -133,20 +134,32 @@ inline bool Aligned(const void* ptr, int bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
+inline size_t ElementBytes(ElementType type) {
+  return type == ElementType::kF64 ? 8 : type == ElementType::kF32 ? 4 : 2;
+}
+
 // How grad-input contributions are summed (see cuda_kernels.h).
 enum class Accumulate { kAtomic, kFixedPoint };
+
+// Fixed-point units per unit: 2^shift as the product of two powers of two, each a normal double
+// (2^shift itself leaves the double range for bounds below 2^-962). Multiplying by one, then the
+// other, is exact wherever the result can round to a nonzero unit count.
+struct FixedScale {
+  double first;
+  double second;
+};
 
 template <typename A>
 struct GradAccumulator {
   A* atomic;                 // kAtomic: [elements] in the accumulation type, zeroed
   unsigned long long* fixed;  // kFixedPoint: [elements] 64-bit two's complement, zeroed
   A* special;                // kFixedPoint: [elements] sum of the non-finite contributions, zeroed
-  const double* scale;       // kFixedPoint: fixed-point units per unit (device scalar)
+  const FixedScale* scale;   // kFixedPoint: fixed-point units per unit (device scalar)
 };
 
 template <Accumulate M, typename A>
-__device__ __forceinline__ void AccumulateAdd(const GradAccumulator<A>& acc, double scale,
-                                              int64_t index, A value) {
+__device__ __forceinline__ void AccumulateAdd(const GradAccumulator<A>& acc,
+                                              const FixedScale& scale, int64_t index, A value) {
   if constexpr (M == Accumulate::kAtomic) {
     atomicAdd(acc.atomic + index, value);
   } else {
@@ -156,9 +169,10 @@ __device__ __forceinline__ void AccumulateAdd(const GradAccumulator<A>& acc, dou
       atomicAdd(acc.special + index, value);
       return;
     }
-    // |value * scale| < 2^62 by the choice of scale: the conversion cannot overflow, and integer
-    // addition is exact and commutative, hence order-independent.
-    const long long units = __double2ll_rn(static_cast<double>(value) * scale);
+    // |value| * 2^shift < 2^62 by the choice of shift: the conversion cannot overflow, and
+    // integer addition is exact and commutative, hence order-independent.
+    const long long units =
+        __double2ll_rn(static_cast<double>(value) * scale.first * scale.second);
     atomicAdd(acc.fixed + index, static_cast<unsigned long long>(units));
   }
 }

@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t sample = int64_t{blockIdx.x} * (kBlockThreads / lanes) + threadIdx.x / lanes;
   // Inactive lanes stay to the end: the sub-warp reduction needs every lane of the warp.
   const bool active = sample < p.samples();
-  const double scale = M == Accumulate::kFixedPoint ? *acc.scale : 0.0;
+  const FixedScale scale = M == Accumulate::kFixedPoint ? *acc.scale : FixedScale{0.0, 0.0};
   A dots[4] = {A(0), A(0), A(0), A(0)};
   A m = A(1);
   ConvSample<A> s;
@@ -191,21 +191,25 @@ cudaError_t LaunchDeformIm2colBackward(cudaStream_t stream, ElementType type, co
                                        void* workspace) {
   using namespace cuda;  // NOLINT
   const int64_t elements = p.batch * p.height * p.width * p.channels;
-  GradBuffers buffers;
-  if (cudaError_t e = PrepareGrad(stream, type, elements, deterministic, workspace, grad_input,
-                                  &buffers);
-      e != cudaSuccess) {
-    return e;
+  const size_t bytes = ElementBytes(type);
+  if (p.samples() == 0) {
+    // Nothing reads the inputs (and there are no offsets or mask): their gradient is zero.
+    return elements == 0 ? cudaSuccess
+                         : cudaMemsetAsync(grad_input, 0, elements * bytes, stream);
   }
-  if (p.samples() == 0) return cudaSuccess;
   if (p.channels == 0) {
-    // No channel to reduce: grad-offsets and grad-mask are zero.
-    const size_t bytes = type == ElementType::kF64 ? 8 : type == ElementType::kF32 ? 4 : 2;
+    // No channel to reduce (and no input element): grad-offsets and grad-mask are zero.
     if (cudaError_t e = cudaMemsetAsync(grad_offset, 0, p.samples() * 2 * bytes, stream);
         e != cudaSuccess) {
       return e;
     }
     return p.has_mask ? cudaMemsetAsync(grad_mask, 0, p.samples() * bytes, stream) : cudaSuccess;
+  }
+  GradBuffers buffers;
+  if (cudaError_t e = PrepareGrad(stream, type, elements, deterministic, workspace, grad_input,
+                                  &buffers);
+      e != cudaSuccess) {
+    return e;
   }
   if (deterministic) {
     const int64_t columns = p.samples() * p.group_channels();

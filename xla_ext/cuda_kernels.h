@@ -23,6 +23,10 @@
 
 namespace flaxdcn {
 
+// Alignment of the backward launchers' workspace: the most XLA's scratch allocator grants (it
+// rejects larger alignments), and all the kernels need (16-byte vectors at the widest).
+constexpr size_t kWorkspaceAlignment = 16;
+
 // columns [N, Ho, Wo, K, C] from inputs, offsets and mask (ignored unless p.has_mask).
 cudaError_t LaunchDeformIm2col(cudaStream_t stream, ElementType type, const ConvParams& p,
                                const void* input, const void* offset, const void* mask,
@@ -32,7 +36,7 @@ cudaError_t LaunchDeformIm2col(cudaStream_t stream, ElementType type, const Conv
 size_t DeformIm2colBackwardWorkspace(ElementType type, const ConvParams& p, bool deterministic);
 
 // grad-inputs, grad-offsets and grad-mask (ignored unless p.has_mask) from grad-columns.
-// `workspace` holds DeformIm2colBackwardWorkspace(...) bytes, 16-byte aligned.
+// `workspace` holds DeformIm2colBackwardWorkspace(...) bytes, kWorkspaceAlignment-aligned.
 cudaError_t LaunchDeformIm2colBackward(cudaStream_t stream, ElementType type, const ConvParams& p,
                                        bool deterministic, const void* grad_columns,
                                        const void* input, const void* offset, const void* mask,

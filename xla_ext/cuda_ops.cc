@@ -21,14 +21,17 @@ ffi::Error CudaStatus(cudaError_t status, const char* op) {
   return ffi::Error::Internal(std::string(op) + ": CUDA error: " + cudaGetErrorString(status));
 }
 
-// Device workspace from XLA's allocator (16-byte aligned; nullptr for zero bytes).
+// Device workspace from XLA's allocator (nullptr for zero bytes). XLA rejects alignments above
+// 16 bytes, and reports no reason through ScratchAllocator: the message names the request.
 ffi::ErrorOr<void*> Workspace(ffi::ScratchAllocator& scratch, size_t bytes, const char* op) {
   if (bytes == 0) return static_cast<void*>(nullptr);
-  std::optional<void*> buffer = scratch.Allocate(bytes, 256);
+  std::optional<void*> buffer = scratch.Allocate(bytes, kWorkspaceAlignment);
   if (!buffer.has_value()) {
     return ffi::Unexpected<ffi::Error>(ffi::Error(
         ffi::ErrorCode::kResourceExhausted,
-        std::string(op) + ": could not allocate " + std::to_string(bytes) + " bytes of workspace"));
+        std::string(op) + ": XLA's scratch allocator refused " + std::to_string(bytes) +
+            " bytes of device workspace aligned to " + std::to_string(kWorkspaceAlignment) +
+            " bytes (out of device memory?)"));
   }
   return *buffer;
 }

@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t bin = int64_t{blockIdx.x} * (kBlockThreads / lanes) + threadIdx.x / lanes;
   // Inactive lanes stay to the end: the sub-warp reduction needs every lane of the warp.
   const bool active = bin < p.bins();
-  const double scale = M == Accumulate::kFixedPoint ? *acc.scale : 0.0;
+  const FixedScale scale = M == Accumulate::kFixedPoint ? *acc.scale : FixedScale{0.0, 0.0};
   A total_y = A(0), total_x = A(0);
   RoiBin<A> rb;
   if (active) {
@@ -186,17 +186,22 @@ cudaError_t LaunchDeformRoiPoolBackward(cudaStream_t stream, ElementType type,
                                         void* grad_offset, void* workspace) {
   using namespace cuda;  // NOLINT
   const int64_t elements = p.batch * p.height * p.width * p.channels;
+  const size_t bytes = ElementBytes(type);
+  if (p.bins() == 0) {
+    // No bin reads the features (and there are no offsets): their gradient is zero.
+    return elements == 0 ? cudaSuccess
+                         : cudaMemsetAsync(grad_features, 0, elements * bytes, stream);
+  }
+  if (p.channels == 0) {
+    // No channel to reduce (and no feature element): grad-offsets are zero.
+    return p.has_offsets ? cudaMemsetAsync(grad_offset, 0, p.bins() * 2 * bytes, stream)
+                         : cudaSuccess;
+  }
   GradBuffers buffers;
   if (cudaError_t e = PrepareGrad(stream, type, elements, deterministic, workspace, grad_features,
                                   &buffers);
       e != cudaSuccess) {
     return e;
-  }
-  if (p.bins() == 0) return cudaSuccess;
-  if (p.channels == 0) {
-    const size_t bytes = type == ElementType::kF64 ? 8 : type == ElementType::kF32 ? 4 : 2;
-    return p.has_offsets ? cudaMemsetAsync(grad_offset, 0, p.bins() * 2 * bytes, stream)
-                         : cudaSuccess;
   }
   if (deterministic) {
     if (cudaError_t e = LaunchMaxAbs(stream, type, grad_pooled, p.bins() * p.channels,
