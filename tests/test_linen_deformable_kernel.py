@@ -3,8 +3,6 @@ initialisation) and the loop reference of tests/reference_deformable_kernel.py."
 
 from __future__ import annotations
 
-import doctest
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -253,14 +251,3 @@ def test_module_errors(module, kwargs, x_shape, error, match):
   layer = module(4, **kwargs)
   with pytest.raises(error, match=match):
     jax.jit(layer.init)(jax.random.key(0), jnp.ones(x_shape))
-
-
-@pytest.mark.parametrize("module_name", ["flaxdcn.linen.deformable_kernel",
-                                         "flaxdcn.ops.deformable_kernel"])
-def test_doctests(module_name):
-  module = {"flaxdcn.linen.deformable_kernel": flaxdcn.linen.deformable_kernel,
-            "flaxdcn.ops.deformable_kernel": flaxdcn.ops.deformable_kernel}[module_name]
-  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
-                           raise_on_error=False, verbose=False)
-  assert result.attempted > 0, f"no doctests found in {module_name}"
-  assert result.failed == 0, f"{result.failed} doctest(s) failed in {module_name}"
