@@ -11,9 +11,10 @@ deformable RoI pooling) with
   for ``implementation="ffi"`` (both name the two versions);
 - a batching rule that folds a vmapped axis into the batch axis (one kernel launch, any depth of
   ``vmap``);
-- for the convolution, batch partitioning: the custom call carries a ``num_batch_dims`` frontend
-  attribute and an ``sdy.sharding_rule``, and its targets are registered as batch partitionable,
-  so under ``jit`` with batch-sharded inputs every device runs its own shard (no all-gather).
+- for the convolution and the per-image RoI pooling, batch partitioning: the custom call carries
+  a ``num_batch_dims`` frontend attribute and an ``sdy.sharding_rule``, and its targets are
+  registered as batch partitionable, so under ``jit`` with batch-sharded inputs every device runs
+  its own shard (no all-gather).
 
 ``jax.custom_vjp`` ties each forward to its backward; residuals are the inputs (the columns are
 never kept). Registration happens once, at import, for every platform the build has (registering
@@ -53,6 +54,11 @@ _IM2COL = "flaxdcn_deform_im2col"
 _IM2COL_BWD = "flaxdcn_deform_im2col_bwd"
 _ROI_POOL = "flaxdcn_deform_roi_pool"
 _ROI_POOL_BWD = "flaxdcn_deform_roi_pool_bwd"
+# The RoI handlers read the form from the rank of rois. The per-image form ([N, Ri, 4]: the image
+# axis leads every operand and result) is the one that partitions by batch, under names of its own.
+_ROI_POOL_IMAGES = "flaxdcn_deform_roi_pool_images"
+_ROI_POOL_IMAGES_BWD = "flaxdcn_deform_roi_pool_images_bwd"
+_ALIASES = {_ROI_POOL_IMAGES: _ROI_POOL, _ROI_POOL_IMAGES_BWD: _ROI_POOL_BWD}
 
 #: Names the native module registers under -> names of JAX lowering platforms.
 _PLATFORMS = {"cpu": "cpu", "CUDA": "cuda"}
@@ -63,9 +69,10 @@ def _registered() -> dict[str, dict[str, Any]]:
     return {}
   registrations = _native.registrations()
   for platform, targets in registrations.items():
+    targets.update({alias: targets[name] for alias, name in _ALIASES.items() if name in targets})
     for name, capsule in targets.items():
       jax.ffi.register_ffi_target(name, capsule, platform=platform)
-  for name in (_IM2COL, _IM2COL_BWD):
+  for name in (_IM2COL, _IM2COL_BWD, _ROI_POOL_IMAGES, _ROI_POOL_IMAGES_BWD):
     jax.ffi.register_ffi_target_as_batch_partitionable(name)
   return {_PLATFORMS[p]: targets for p, targets in registrations.items() if p in _PLATFORMS}
 
@@ -468,11 +475,51 @@ _register_lowerings(_roi_pool_bwd_p, _ROI_POOL_BWD,
                         geometry, deterministic=bool(deterministic)),
                     _roi_pool_bwd_fallback, batch_partitionable=False)
 
+# Per-image RoIs: features [N, H, W, C], rois [N, Ri, 4], offsets [N, Ri, oh, ow, 2 or 0] ->
+# pooled [N, Ri, oh, ow, C]. The image axis leads everything, so vmap folds into it and the
+# custom call partitions by it, like the convolution's.
+_roi_pool_images_p = _define(_ROI_POOL_IMAGES, multiple_results=False)
+_roi_pool_images_bwd_p = _define(_ROI_POOL_IMAGES_BWD, multiple_results=True)
+
+
+def _roi_pool_images_abstract(features, rois, offsets, *, geometry, fallback):
+  del offsets, fallback
+  return _out_aval(features, (*rois.shape[:2], *geometry.output_size, features.shape[-1]))
+
+
+def _fold_all_batch(prim: Primitive, multiple_results: bool):
+  """The batching rule of a primitive whose operands and results all lead with the image axis:
+  the vmapped axis is folded into it."""
+
+  def rule(args, dims, **params):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    out = prim.bind(*(_fold(a, d, size) for a, d in zip(args, dims)), **params)
+    if multiple_results:
+      return [_unfold(o, size) for o in out], [0] * len(out)
+    return _unfold(out, size), 0
+
+  return rule
+
+
+_roi_pool_images_p.def_abstract_eval(_roi_pool_images_abstract)
+_roi_pool_images_bwd_p.def_abstract_eval(_roi_pool_bwd_abstract)
+batching.primitive_batchers[_roi_pool_images_p] = _fold_all_batch(_roi_pool_images_p, False)
+batching.primitive_batchers[_roi_pool_images_bwd_p] = _fold_all_batch(_roi_pool_images_bwd_p,
+                                                                      True)
+_register_lowerings(_roi_pool_images_p, _ROI_POOL_IMAGES,
+                    lambda geometry, fallback: _roi_attributes(geometry),
+                    _roi_pool_fallback, batch_partitionable=True)
+_register_lowerings(_roi_pool_images_bwd_p, _ROI_POOL_IMAGES_BWD,
+                    lambda geometry, deterministic, fallback: _roi_attributes(
+                        geometry, deterministic=bool(deterministic)),
+                    _roi_pool_bwd_fallback, batch_partitionable=True)
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _roi_pool(features, rois, offsets, geometry, deterministic, fallback):
   del deterministic
-  return _roi_pool_p.bind(features, rois, offsets, geometry=geometry, fallback=fallback)
+  prim = _roi_pool_images_p if rois.ndim == 3 else _roi_pool_p
+  return prim.bind(features, rois, offsets, geometry=geometry, fallback=fallback)
 
 
 def _roi_pool_fwd(features, rois, offsets, geometry, deterministic, fallback):
@@ -482,7 +529,8 @@ def _roi_pool_fwd(features, rois, offsets, geometry, deterministic, fallback):
 
 def _roi_pool_bwd(geometry, deterministic, fallback, residuals, grad_pooled):
   features, rois, offsets = residuals
-  grad_features, grad_offsets = _roi_pool_bwd_p.bind(
+  prim = _roi_pool_images_bwd_p if rois.ndim == 3 else _roi_pool_bwd_p
+  grad_features, grad_offsets = prim.bind(
       grad_pooled, features, rois, offsets, geometry=geometry, deterministic=deterministic,
       fallback=fallback)
   return grad_features, jnp.zeros_like(rois), grad_offsets  # RoIs are not differentiated
@@ -498,9 +546,11 @@ def deform_roi_pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | N
 
   Args:
     features: ``[N, H, W, C]`` in a floating dtype ``T``.
-    rois: ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)`` in the compute dtype of ``T`` (float64 for
-      float64, else float32); not differentiated.
-    offsets: ``[R, oh, ow, 2]`` ``(dy, dx)`` in ``T``, or None.
+    rois: ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)``, or per image ``[N, Ri, 4]``
+      ``(x1, y1, x2, y2)`` (batch partitionable; a box that is not ``x1 < x2 and y1 < y2`` pools
+      zeros), in the compute dtype of ``T`` (float64 for float64, else float32); not
+      differentiated.
+    offsets: ``[R, oh, ow, 2]`` (per image ``[N, Ri, oh, ow, 2]``) ``(dy, dx)`` in ``T``, or None.
     geometry: the static parameters.
     deterministic_backward: the CUDA backward sums grad-features in fixed point instead of with
       float atomics (bitwise reproducible); the CPU backward always is.
@@ -508,11 +558,12 @@ def deform_roi_pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | N
       kernels; None (``implementation="ffi"``) makes those platforms an error.
 
   Returns:
-    ``[R, oh, ow, C]`` in ``T``; differentiable in ``features`` and ``offsets``.
+    ``[R, oh, ow, C]`` (per image ``[N, Ri, oh, ow, C]``) in ``T``; differentiable in
+    ``features`` and ``offsets``.
   """
   if rois.dtype != compute_dtype(features.dtype):
     raise TypeError(f"deform_roi_pool: rois must be {compute_dtype(features.dtype)} for "
                     f"{features.dtype} features, got {rois.dtype}.")
   if offsets is None:
-    offsets = jnp.zeros((rois.shape[0], *geometry.output_size, 0), features.dtype)
+    offsets = jnp.zeros((*rois.shape[:-1], *geometry.output_size, 0), features.dtype)
   return _roi_pool(features, rois, offsets, geometry, bool(deterministic_backward), fallback)

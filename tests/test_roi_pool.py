@@ -628,3 +628,144 @@ def test_complex_rois_raise_type_error():
   with pytest.raises(TypeError, match="rois must be a real"):
     deform_roi_pool(**(OK_ARGS | {"rois": OK_ARGS["rois"].astype(np.complex64)}),
                     output_size=(3, 2))
+
+
+# --- Per-image RoIs [N, Ri, 4] ------------------------------------------------------------------
+
+def per_image_args(case, seed, *, mask=True, offset_scale=0.7):
+  """``[N, Ri, ...]`` arguments (``case.num_rois`` boxes per image) of every kind, with padding
+  boxes: all zeros, ``x2 < x1``, zero height and NaN; the negative-size boxes of
+  :func:`mixed_rois` are padding too."""
+  rng = np.random.default_rng(seed)
+  n, ri = case.n, case.num_rois
+  oh, ow = case.output_size
+  boxes = mixed_rois(rng, Case(n, case.height, case.width, case.channels, n * ri,
+                               case.output_size, case.spatial_scale))[:, 1:].reshape(n, ri, 4)
+  boxes[0, 0] = 0.0
+  boxes[-1, -1] = [5.0, 1.0, 2.0, 8.0]
+  boxes[-1, 1] = [1.0, 3.0, 6.0, 3.0]
+  boxes[0, -1, 2] = np.nan
+  return {
+      "features": rng.normal(size=(n, case.height, case.width, case.channels)),
+      "rois": boxes,
+      "offsets": rng.normal(size=(n, ri, oh, ow, 2)) * offset_scale,
+      "mask": rng.uniform(0.1, 1.0, (n, ri, oh, ow)) if mask else None,
+  }
+
+
+def padding_boxes(boxes):
+  return ~((boxes[..., 0] < boxes[..., 2]) & (boxes[..., 1] < boxes[..., 3]))
+
+
+def as_rows(args):
+  """The same problem in the ``[R, 5]`` form, padding boxes given batch index -1."""
+  boxes = np.asarray(args["rois"], np.float64)
+  n, ri = boxes.shape[:2]
+  index = np.where(padding_boxes(boxes), -1.0, np.arange(n)[:, None])
+  flat = lambda a: None if a is None else np.asarray(a).reshape((n * ri,) + a.shape[2:])
+  return {"features": args["features"],
+          "rois": np.concatenate([index[..., None], boxes], axis=-1).reshape(n * ri, 5),
+          "offsets": flat(args["offsets"]), "mask": flat(args["mask"])}
+
+
+PER_IMAGE_CASES = [
+    pytest.param(Case(3, 11, 14, 3, 8, (3, 3)), id="3x3-adaptive"),
+    pytest.param(Case(2, 9, 13, 4, 7, (2, 3), spatial_scale=0.5, sampling_ratio=2),
+                 id="2x3-sr2-s0.5"),
+]
+
+
+@pytest.mark.parametrize("case", PER_IMAGE_CASES)
+def test_per_image_matches_reference_float64(case, implementation):
+  """Per-image boxes pool like the ``[R, 5]`` rows of the loop reference with the image as batch
+  index; padding boxes pool zeros and get zero offset and mask gradients, forward and VJP."""
+  args = per_image_args(case, seed=40)
+  n, ri, oh, ow = case.n, case.num_rois, *case.output_size
+  cotangent = np.random.default_rng(41).normal(size=(n, ri, oh, ow, case.channels))
+  rows = as_rows(args)
+  want, want_grads = expected(rows, case, cotangent=cotangent.reshape(n * ri, oh, ow, -1))
+  pad = padding_boxes(args["rois"])
+  assert pad.sum() >= 4 and (~pad).sum() >= 8, "test data"
+  with jax.enable_x64(True):
+    jargs = to_jnp(args, jnp.float64)
+    f = jax.jit(lambda features, offsets, mask: deform_roi_pool(
+        features, jargs["rois"], offsets, mask, **case.kwargs(), implementation=implementation))
+    out, vjp = jax.vjp(f, jargs["features"], jargs["offsets"], jargs["mask"])
+    grads = vjp(jnp.asarray(cotangent))
+  assert out.shape == (n, ri, oh, ow, case.channels)
+  assert_close(out, want.reshape(out.shape), jnp.float64)
+  assert np.all(np.asarray(out)[pad] == 0)
+  for name, got in zip(("features", "offsets", "mask"), grads):
+    assert_close(got, want_grads[name].reshape(got.shape), jnp.float64, err_msg=name)
+    if name != "features":
+      assert np.all(np.asarray(got)[pad] == 0), name
+
+
+def test_per_image_padding_gives_zero_feature_gradient(implementation):
+  """Images whose boxes are all padding get no feature gradient, whatever the offsets."""
+  case = Case(2, 6, 7, 2, 3, (2, 2), sampling_ratio=2)
+  args = to_jnp(per_image_args(case, seed=42), jnp.float32)
+  rois = args["rois"].at[1].set(jnp.array([[0.0, 0, 0, 0], [4, 4, 4, 9], [jnp.nan, 0, 5, 5]]))
+  loss = lambda f, o, m: jnp.sum(deform_roi_pool(f, rois, o, m, **case.kwargs(),
+                                                 implementation=implementation) ** 2)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(args["features"], args["offsets"],
+                                                     args["mask"])
+  assert np.all(np.asarray(grads[0][1]) == 0)
+  assert np.any(np.asarray(grads[0][0]) != 0)
+  assert np.all(np.asarray(grads[1][1]) == 0) and np.all(np.asarray(grads[2][1]) == 0)
+
+
+def test_per_image_vmap_jit_grad(implementation):
+  """vmap of the per-image form (all arguments batched, or features shared) equals a loop of
+  single calls, forward and backward."""
+  case = Case(2, 7, 8, 3, 4, (3, 2), spatial_scale=0.5)
+  batch = [to_jnp(per_image_args(case, seed=43 + i), jnp.float32) for i in range(3)]
+  stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *batch)
+  pool = functools.partial(deform_roi_pool, **case.kwargs(), implementation=implementation)
+  names = ("features", "rois", "offsets", "mask")
+  single = jax.jit(pool)
+  out = jax.jit(jax.vmap(pool))(*(stacked[k] for k in names))
+  shared = jax.jit(jax.vmap(pool, in_axes=(None, 0, 0, 0)))(
+      batch[0]["features"], *(stacked[k] for k in names[1:]))
+  for i, args in enumerate(batch):
+    assert_close(out[i], single(*(args[k] for k in names)), jnp.float32)
+    assert_close(shared[i], single(batch[0]["features"], *(args[k] for k in names[1:])),
+                 jnp.float32)
+
+  def loss(features, rois, offsets, mask):
+    return jnp.sum(pool(features, rois, offsets, mask) ** 2)
+  grad = jax.grad(loss, argnums=(0, 2, 3))
+  batched = jax.jit(jax.vmap(grad))(*(stacked[k] for k in names))
+  for i, args in enumerate(batch):
+    for b, s in zip(batched, jax.jit(grad)(*(args[k] for k in names))):
+      assert_close(b[i], s, jnp.float32)
+
+
+def test_per_image_empty():
+  features = jnp.ones((2, 5, 5, 3))
+  assert deform_roi_pool(features, jnp.zeros((2, 0, 4)), output_size=2).shape == (2, 0, 2, 2, 3)
+  assert deform_roi_pool(jnp.ones((0, 5, 5, 3)), jnp.zeros((0, 4, 4)),
+                         output_size=2).shape == (0, 4, 2, 2, 3)
+
+
+PER_IMAGE_OK = dict(features=np.zeros((2, 8, 9, 3), np.float32),
+                    rois=np.zeros((2, 4, 4), np.float32),
+                    offsets=np.zeros((2, 4, 3, 2, 2), np.float32),
+                    mask=np.zeros((2, 4, 3, 2), np.float32))
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"rois": np.zeros((3, 4, 4))},
+     r"rois has shape \(3, 4, 4\), expected \[R, 5\] or \[N, Ri, 4\] with N = 2 \(features\)"),
+    ({"rois": np.zeros((2, 4, 5))},
+     r"rois has shape \(2, 4, 5\), expected \[R, 5\] or \[N, Ri, 4\]"),
+    ({"rois": np.zeros((2, 4, 4, 1))}, r"rois has shape \(2, 4, 4, 1\), expected \[R, 5\] or"),
+    ({"offsets": np.zeros((8, 3, 2, 2))},
+     r"offsets has shape \(8, 3, 2, 2\), expected \(2, 4, 3, 2, 2\) \(\[N, Ri, oh, ow, 2\]"),
+    ({"offsets": np.zeros((2, 4, 2, 3, 2))}, r"offsets has shape \(2, 4, 2, 3, 2\), expected"),
+    ({"mask": np.zeros((2, 4, 3))},
+     r"mask has shape \(2, 4, 3\), expected \(2, 4, 3, 2\) \(\[N, Ri, oh, ow\]\)"),
+], ids=["rois-images", "rois-width", "rois-rank", "offsets-flat", "offsets-swapped", "mask"])
+def test_per_image_bad_shapes(override, match):
+  with pytest.raises(ValueError, match=match):
+    deform_roi_pool(**(PER_IMAGE_OK | override), output_size=(3, 2))

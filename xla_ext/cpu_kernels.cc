@@ -257,7 +257,7 @@ RoiBin<AccType<T>> LoadRoiBin(const RoiPoolParams& p, const AccType<T>* rois, co
   const int64_t pw = bin % p.out_width;
   const A dy = p.has_offsets ? E::Load(offset[bin * 2]) : A(0);
   const A dx = p.has_offsets ? E::Load(offset[bin * 2 + 1]) : A(0);
-  return MakeRoiBin<A>(rois + r * 5, ph, pw, dy, dx, p);
+  return MakeRoiBin<A>(rois, r, ph, pw, dy, dx, p);
 }
 
 }  // namespace

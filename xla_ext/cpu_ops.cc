@@ -320,9 +320,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     xla::ffi::Ffi::Bind()
         .Ctx<xla::ffi::ThreadPool>()     // XLA:CPU intra-op thread pool
         .Arg<xla::ffi::AnyBuffer>()      // features [N, H, W, C]
-        .Arg<xla::ffi::AnyBuffer>()      // rois     [R, 5] (batch index, x1, y1, x2, y2), f32/f64
+        .Arg<xla::ffi::AnyBuffer>()      // rois     [R, 5] (batch index, x1, y1, x2, y2), f32/f64,
+                                         //          or per image [N, Ri, 4] (x1, y1, x2, y2)
         .Arg<xla::ffi::AnyBuffer>()      // offsets  [R, Ho, Wo, 2] (dy, dx), [R, Ho, Wo, 0]: none
-        .Ret<xla::ffi::AnyBuffer>()      // pooled   [R, Ho, Wo, C]
+        .Ret<xla::ffi::AnyBuffer>()      // pooled   [R, Ho, Wo, C] (per image: R -> N, Ri)
         .Attr<double>("spatial_scale")   // feature pixels per input pixel
         .Attr<int64_t>("sampling_ratio") // > 0: fixed sub-grid; else ceil(bin size)
         .Attr<double>("gamma"));         // offset scale
@@ -333,7 +334,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<xla::ffi::ThreadPool>()     // XLA:CPU intra-op thread pool
         .Arg<xla::ffi::AnyBuffer>()      // grad_pooled   [R, Ho, Wo, C]
         .Arg<xla::ffi::AnyBuffer>()      // features      [N, H, W, C]
-        .Arg<xla::ffi::AnyBuffer>()      // rois          [R, 5]
+        .Arg<xla::ffi::AnyBuffer>()      // rois          [R, 5] or per image [N, Ri, 4]
         .Arg<xla::ffi::AnyBuffer>()      // offsets       [R, Ho, Wo, 2] or [R, Ho, Wo, 0]
         .Ret<xla::ffi::AnyBuffer>()      // grad_features [N, H, W, C]
         .Ret<xla::ffi::AnyBuffer>()      // grad_offsets  shape of offsets

@@ -27,7 +27,7 @@ __device__ __forceinline__ RoiBin<Acc<T>> LoadBin(const RoiPoolParams& p, const 
   const int64_t pw = bin % p.out_width;
   const A dy = p.has_offsets ? ToAcc<T>(offset[bin * 2]) : A(0);
   const A dx = p.has_offsets ? ToAcc<T>(offset[bin * 2 + 1]) : A(0);
-  return MakeRoiBin<A>(rois + r * 5, ph, pw, dy, dx, p);
+  return MakeRoiBin<A>(rois, r, ph, pw, dy, dx, p);
 }
 
 template <typename T, int V>

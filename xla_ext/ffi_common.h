@@ -133,7 +133,8 @@ inline ffi::ErrorOr<ConvParams> MakeConvParams(
 }
 
 // Checks features [N, H, W, C], rois [R, 5] in the accumulation type (float64 for float64
-// features, float32 otherwise), offsets [R, Ho, Wo, 2] or [R, Ho, Wo, 0] (no offsets).
+// features, float32 otherwise), offsets [R, Ho, Wo, 2] or [R, Ho, Wo, 0] (no offsets); or the
+// per-image form: rois [N, Ri, 4], offsets [N, Ri, Ho, Wo, 2] or [N, Ri, Ho, Wo, 0].
 inline ffi::ErrorOr<RoiPoolParams> MakeRoiPoolParams(
     const char* op, const ffi::AnyBuffer& features, const ffi::AnyBuffer& rois,
     const ffi::AnyBuffer& offset, double spatial_scale, int64_t sampling_ratio, double gamma) {
@@ -153,38 +154,54 @@ inline ffi::ErrorOr<RoiPoolParams> MakeRoiPoolParams(
   }
   const auto f = features.dimensions();
   const auto off = offset.dimensions();
+  const bool per_image = rois.dimensions().size() == 3;
   if (f.size() != 4) {
     return Invalid(prefix + "features has shape " + ShapeString(f) +
                                        ", expected [N, H, W, C]");
   }
-  if (off.size() != 4) {
+  if (off.size() != (per_image ? 5u : 4u)) {
     return Invalid(prefix + "offsets has shape " + ShapeString(off) +
-                                       ", expected [R, Ho, Wo, 2] or [R, Ho, Wo, 0]");
+                   (per_image ? ", expected [N, Ri, Ho, Wo, 2] or [N, Ri, Ho, Wo, 0]"
+                              : ", expected [R, Ho, Wo, 2] or [R, Ho, Wo, 0]"));
   }
+  const size_t lead = per_image ? 1 : 0;  // offsets[lead + 1:] = (Ho, Wo, 2 or 0)
   RoiPoolParams p;
   p.batch = f[0];
   p.height = f[1];
   p.width = f[2];
   p.channels = f[3];
-  p.rois = off[0];
-  p.out_height = off[1];
-  p.out_width = off[2];
+  p.rois_per_image = per_image ? off[1] : 0;
+  p.rois = per_image ? p.batch * p.rois_per_image : off[0];
+  p.out_height = off[lead + 1];
+  p.out_width = off[lead + 2];
   p.spatial_scale = spatial_scale;
   p.sampling_ratio = sampling_ratio;
   p.gamma = gamma;
-  p.has_offsets = off[3] != 0;
-  if (ffi::Error e = ExpectShape(op, "offsets", off,
-                                 {p.rois, p.out_height, p.out_width, p.has_offsets ? 2 : 0});
-      e.failure()) {
-    return ffi::Unexpected<ffi::Error>(std::move(e));
-  }
-  if (ffi::Error e = ExpectShape(op, "rois", rois.dimensions(), {p.rois, 5}); e.failure()) {
-    return ffi::Unexpected<ffi::Error>(std::move(e));
-  }
+  p.has_offsets = off[lead + 3] != 0;
+  const int64_t pair = p.has_offsets ? 2 : 0;
+  ffi::Error shapes =
+      per_image
+          ? ExpectShape(op, "offsets", off,
+                        {p.batch, p.rois_per_image, p.out_height, p.out_width, pair})
+          : ExpectShape(op, "offsets", off, {p.rois, p.out_height, p.out_width, pair});
+  if (shapes.failure()) return ffi::Unexpected<ffi::Error>(std::move(shapes));
+  shapes = per_image ? ExpectShape(op, "rois", rois.dimensions(), {p.batch, p.rois_per_image, 4})
+                     : ExpectShape(op, "rois", rois.dimensions(), {p.rois, 5});
+  if (shapes.failure()) return ffi::Unexpected<ffi::Error>(std::move(shapes));
   if (p.out_height < 1 || p.out_width < 1) {
     return Invalid(prefix + "output size must be >= 1");
   }
   return p;
+}
+
+// The pooled shape: [R, Ho, Wo, C], or [N, Ri, Ho, Wo, C] in the per-image form.
+inline ffi::Error ExpectPooledShape(const char* op, const char* name, const RoiPoolParams& p,
+                                    ffi::AnyBuffer::Dimensions dims) {
+  if (p.rois_per_image > 0) {
+    return ExpectShape(op, name, dims,
+                       {p.batch, p.rois_per_image, p.out_height, p.out_width, p.channels});
+  }
+  return ExpectShape(op, name, dims, {p.rois, p.out_height, p.out_width, p.channels});
 }
 
 // The dtype and shape of every other buffer of the four targets, once the parameters are known.
@@ -224,15 +241,14 @@ inline ffi::Error CheckIm2colBwdBuffers(const char* op, const ConvParams& p,
   return ffi::Error::Success();
 }
 
-// pooled [R, Ho, Wo, C] in the dtype of features.
+// pooled [R, Ho, Wo, C] (per image: [N, Ri, Ho, Wo, C]) in the dtype of features.
 inline ffi::Error CheckRoiPoolBuffers(const char* op, const RoiPoolParams& p,
                                       const ffi::AnyBuffer& features,
                                       const ffi::AnyBuffer& pooled) {
   if (pooled.element_type() != features.element_type()) {
     return ffi::Error::InvalidArgument(std::string(op) + ": pooled dtype differs from features");
   }
-  return ExpectShape(op, "pooled", pooled.dimensions(),
-                     {p.rois, p.out_height, p.out_width, p.channels});
+  return ExpectPooledShape(op, "pooled", p, pooled.dimensions());
 }
 
 // grad_pooled like the pooled output; grad_features, grad_offsets like their primals; all in the
@@ -250,8 +266,7 @@ inline ffi::Error CheckRoiPoolBwdBuffers(const char* op, const RoiPoolParams& p,
                                        ": gradients must have the dtype of features");
   }
   for (ffi::Error e :
-       {ExpectShape(op, "grad_pooled", grad_pooled.dimensions(),
-                    {p.rois, p.out_height, p.out_width, p.channels}),
+       {ExpectPooledShape(op, "grad_pooled", p, grad_pooled.dimensions()),
         ExpectSameShape(op, "grad_features", grad_features.dimensions(), features.dimensions()),
         ExpectSameShape(op, "grad_offsets", grad_offset.dimensions(), offset.dimensions())}) {
     if (e.failure()) return e;

@@ -246,22 +246,32 @@ FLAXDCN_HD void SampleRange(A origin, A step, A grid, int64_t size, int64_t* beg
   *end = static_cast<int64_t>(hi);
 }
 
-// Bin (ph, pw) of `roi` = (batch_index, x1, y1, x2, y2) shifted by its normalised offset (dy, dx)
-// (ignored unless p.has_offsets).
+// Bin (ph, pw) of RoI r shifted by its normalised offset (dy, dx) (ignored unless p.has_offsets).
+// `rois` holds rows (batch_index, x1, y1, x2, y2), or, when p.rois_per_image > 0, rows
+// (x1, y1, x2, y2) of image r / rois_per_image; there an empty box (not x1 < x2 and y1 < y2: the
+// padding of a fixed number of boxes per image) reads nothing.
 template <typename A>
-FLAXDCN_HD RoiBin<A> MakeRoiBin(const A* roi, int64_t ph, int64_t pw, A dy, A dx,
+FLAXDCN_HD RoiBin<A> MakeRoiBin(const A* rois, int64_t r, int64_t ph, int64_t pw, A dy, A dx,
                                 const RoiPoolParams& p) {
   RoiBin<A> b;
+  const bool per_image = p.rois_per_image > 0;
+  const A* box = per_image ? rois + r * 4 : rois + r * 5 + 1;  // (x1, y1, x2, y2)
   bool ok = true;
-  for (int k = 0; k < 5; ++k) ok = ok && IsFinite(roi[k]);
-  // The batch index is truncated toward zero, as a C cast would; outside [0, N): no image.
-  ok = ok && roi[0] > A(-1) && roi[0] < A(p.batch);
-  b.image = ok ? static_cast<int64_t>(roi[0]) : 0;
+  for (int k = 0; k < 4; ++k) ok = ok && IsFinite(box[k]);
+  if (per_image) {
+    ok = ok && box[0] < box[2] && box[1] < box[3];
+    b.image = r / p.rois_per_image;
+  } else {
+    // The batch index is truncated toward zero, as a C cast would; outside [0, N): no image.
+    const A index = rois[r * 5];
+    ok = ok && IsFinite(index) && index > A(-1) && index < A(p.batch);
+    b.image = ok ? static_cast<int64_t>(index) : 0;
+  }
   const A scale = A(p.spatial_scale);
-  const A start_w = roi[1] * scale - A(0.5);
-  const A start_h = roi[2] * scale - A(0.5);
-  const A end_w = roi[3] * scale - A(0.5);
-  const A end_h = roi[4] * scale - A(0.5);
+  const A start_w = box[0] * scale - A(0.5);
+  const A start_h = box[1] * scale - A(0.5);
+  const A end_w = box[2] * scale - A(0.5);
+  const A end_h = box[3] * scale - A(0.5);
   b.roi_w = end_w - start_w;
   b.roi_h = end_h - start_h;
   const A bin_h = b.roi_h / A(p.out_height);

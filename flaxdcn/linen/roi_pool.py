@@ -51,10 +51,13 @@ class _DeformRoIPoolBase(nn.Module):
 
     Args:
       features: ``[N, H, W, C]``, channels last.
-      rois: ``[R, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in input-image coordinates.
+      rois: ``[R, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or per-image boxes ``[N, Ri, 4]``
+        ``(x1, y1, x2, y2)`` (batch partitionable; padding boxes pool zeros, see
+        :func:`flaxdcn.deform_roi_pool`), in input-image coordinates.
 
     Returns:
-      ``[R, oh, ow, C]`` in ``dtype`` (default: the dtype of ``features``).
+      ``[R, oh, ow, C]`` (per image ``[N, Ri, oh, ow, C]``) in ``dtype`` (default: the dtype of
+      ``features``).
     """
     name = type(self).__name__
     oh, ow = pair(self.output_size, "output_size", fn=name)
@@ -68,16 +71,17 @@ class _DeformRoIPoolBase(nn.Module):
                        deterministic_backward=self.deterministic_backward)
 
     pooled = deform_roi_pool(features, rois, **pool_kwargs)
-    x = pooled.reshape(pooled.shape[0], -1)  # (oh, ow, C) order; mmcv flattens (C, oh, ow)
+    lead = pooled.shape[:-3]  # (R,) or (N, Ri)
+    x = pooled.reshape(*lead, -1)  # (oh, ow, C) order; mmcv flattens (C, oh, ow)
     h = nn.relu(self._dense(self.deform_fc_channels, "offset_fc_0", last=False)(x))
     h = nn.relu(self._dense(self.deform_fc_channels, "offset_fc_2", last=False)(h))
     offsets = self._dense(oh * ow * 2, "offset_fc_4", last=True)(h)
-    offsets = offsets.reshape(-1, oh, ow, 2).astype(features.dtype)
+    offsets = offsets.reshape(*lead, oh, ow, 2).astype(features.dtype)
     mask = None
     if self.modulated:
       m = nn.relu(self._dense(self.deform_fc_channels, "mask_fc_0", last=False)(x))
       m = self._dense(oh * ow, "mask_fc_2", last=True)(m)
-      mask = jax.nn.sigmoid(m).reshape(-1, oh, ow).astype(features.dtype)
+      mask = jax.nn.sigmoid(m).reshape(*lead, oh, ow).astype(features.dtype)
     return deform_roi_pool(features, rois, offsets, mask, **pool_kwargs)
 
 
@@ -91,7 +95,8 @@ class DeformRoIPool(_DeformRoIPoolBase):
   zero-initialised, so at initialisation the module equals plain (RoIAlign-style) pooling.
 
   Shapes use these letters: ``N`` batch, ``H, W`` feature size, ``C`` channels, ``R`` RoIs,
-  ``oh, ow`` output size.
+  ``oh, ow`` output size. Per-image boxes ``[N, Ri, 4]`` work the same way with ``(N, Ri)`` in
+  place of ``R``, and partition by batch under sharding.
 
   Converting an mmcv checkpoint: sub-modules keep mmcv's ``nn.Sequential`` indices
   (``offset_fc.0.weight`` -> ``offset_fc_0/kernel``, ...); kernels are the transposed
@@ -120,6 +125,9 @@ class DeformRoIPool(_DeformRoIPoolBase):
     {'params': {'offset_fc_0': {'bias': (16,), 'kernel': (36, 16)}, 'offset_fc_2': {'bias': (16,), 'kernel': (16, 16)}, 'offset_fc_4': {'bias': (18,), 'kernel': (16, 18)}}}
     >>> layer.apply(variables, features, rois).shape
     (2, 3, 3, 4)
+    >>> boxes = jnp.array([[[1.0, 2.0, 12.0, 9.0]], [[0.0, 0.0, 15.0, 15.0]]])  # per image
+    >>> layer.apply(variables, features, boxes).shape
+    (2, 1, 3, 3, 4)
 
   Attributes:
     output_size: ``oh`` and ``ow``: an int or a pair (default ``(7, 7)``).

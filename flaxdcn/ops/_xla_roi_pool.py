@@ -375,65 +375,128 @@ def _pow2_at_most(value: int) -> int:
   return 1 << (max(int(value), 1).bit_length() - 1)
 
 
-def deform_roi_pool_xla(features: jax.Array, rois: jax.Array, offsets: jax.Array | None,
-                        geometry: RoIPoolGeometry) -> jax.Array:
-  """The pure-jnp deformable RoI pooling (arguments already checked, ``R, N, C > 0``).
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Static chunking of one pooling call: ``num_chunks`` chunks of ``chunk`` RoIs (the last
+  padded), and the crop sizes of the adaptive ladder below the whole image."""
+  config: _Config
+  chunk: int
+  num_chunks: int
+  sizes: tuple[int, ...]
 
-  Args:
-    features: ``[N, H, W, C]`` in a floating dtype ``T``.
-    rois: ``[R, 5]`` in the compute dtype of ``T``.
-    offsets: ``[R, oh, ow, 2]`` ``(dy, dx)`` in ``T``, or None.
-    geometry: the static parameters.
 
-  Returns:
-    ``[R, oh, ow, C]`` in ``T`` (unmasked).
-  """
-  n, height, width, channels = features.shape
-  num_rois = rois.shape[0]
+def _layout(shape: tuple[int, ...], num_rois: int, geometry: RoIPoolGeometry,
+            has_offsets: bool) -> _Layout:
+  _, height, width, channels = shape
   oh, ow = geometry.output_size
   bins = oh * ow
-  acc = compute_dtype(features.dtype)
-  plan = _make_plan(rois, offsets, geometry, n, acc)
-
+  sizes: list[int] = []
   if geometry.sampling_ratio > 0:
     side = 2 * geometry.sampling_ratio
     kinds = (("corners", side, side),)
     per_roi = (bins * side * side * channels,)
     chunk = min(1 << (num_rois - 1).bit_length(), _pow2_at_most(_BUDGET // per_roi[0]))
   else:
-    sizes = []
     while (_FIRST_CROP << len(sizes)) < max(height, width):
       sizes.append(_FIRST_CROP << len(sizes))
     kinds = tuple(("crop", min(k, height), min(k, width)) for k in sizes) + (
         ("crop", height, width),)
     per_roi = tuple((channels + bins) * kh * kw for _, kh, kw in kinds)
     chunk = min(_CHUNK, 1 << (num_rois - 1).bit_length())
-  num_chunks = -(-num_rois // chunk)
+  config = _Config(
+      size=(height, width), kinds=kinds,
+      sub=tuple(min(chunk, _pow2_at_most(_BUDGET // m)) for m in per_roi),
+      samples=geometry.sampling_ratio, position_grad=has_offsets)
+  return _Layout(config, chunk, -(-num_rois // chunk), tuple(sizes))
+
+
+def _chunked_plan(layout: _Layout, rois, offsets, geometry: RoIPoolGeometry, n: int, acc):
+  """The plan of ``rois`` ``[R, 5]`` cut into chunks ``[num_chunks, chunk, ...]``, each chunk's
+  ladder rung ``[num_chunks]`` and the order the RoIs were sorted in (None: not sorted)."""
+  num_rois = rois.shape[0]
+  plan = _make_plan(rois, offsets, geometry, n, acc)
+  num_chunks, chunk = layout.num_chunks, layout.chunk
   pad = num_chunks * chunk - num_rois
   # Padding RoIs have no samples and scale 0 (step 1 keeps their arithmetic finite).
   plan = _Plan(*(jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1),
                          constant_values=1 if name.startswith("step") else 0)
                  for name, a in zip(_Plan._fields, plan)))
-
   order = None
   branch = jnp.zeros((num_chunks,), jnp.int32)
-  if len(kinds) > 1:
+  if layout.sizes:
     # Sorted by need, RoIs of similar size share a chunk; each chunk takes the smallest crop that
     # holds all its RoIs (a k x k crop, clipped to the image, holds a need of up to k), and the
     # last branch, the whole image, holds any RoI.
     order = jnp.argsort(plan.need)
     plan = jax.tree_util.tree_map(lambda a: a[order], plan)
     chunk_need = plan.need.reshape(num_chunks, chunk).max(axis=1)
-    branch = jnp.sum(chunk_need[:, None] > jnp.array(sizes, jnp.int32), axis=1)
-
-  config = _Config(
-      size=(height, width), kinds=kinds,
-      sub=tuple(min(chunk, _pow2_at_most(_BUDGET // m)) for m in per_roi),
-      samples=geometry.sampling_ratio, position_grad=offsets is not None)
+    branch = jnp.sum(chunk_need[:, None] > jnp.array(layout.sizes, jnp.int32), axis=1)
   chunked = jax.tree_util.tree_map(lambda a: a.reshape((num_chunks, chunk) + a.shape[1:]), plan)
-  out = _pool(config, features, chunked.origin_h, chunked.origin_w,
+  return chunked, branch, order
+
+
+def _run(layout: _Layout, features, chunked: _Plan, branch):
+  """``[num_chunks * chunk, P, C]`` pooled bins of a chunked plan, in sorted order."""
+  out = _pool(layout.config, features, chunked.origin_h, chunked.origin_w,
               chunked._replace(origin_h=None, origin_w=None), branch)
-  out = out.reshape(num_chunks * chunk, bins, channels)
+  return out.reshape((layout.num_chunks * layout.chunk,) + out.shape[2:])
+
+
+def _unsort(out, order, num_rois: int):
   if order is not None:
     out = out[jnp.argsort(order)]
-  return out[:num_rois].reshape(num_rois, oh, ow, channels).astype(features.dtype)
+  return out[:num_rois]
+
+
+def deform_roi_pool_xla(features: jax.Array, rois: jax.Array, offsets: jax.Array | None,
+                        geometry: RoIPoolGeometry) -> jax.Array:
+  """The pure-jnp deformable RoI pooling (arguments already checked, ``R, N, C > 0``).
+
+  Args:
+    features: ``[N, H, W, C]`` in a floating dtype ``T``.
+    rois: ``[R, 5]``, or per image ``[N, Ri, 4]``, in the compute dtype of ``T``.
+    offsets: ``[R, oh, ow, 2]`` (per image ``[N, Ri, oh, ow, 2]``) ``(dy, dx)`` in ``T``, or None.
+    geometry: the static parameters.
+
+  Returns:
+    ``[R, oh, ow, C]`` (per image ``[N, Ri, oh, ow, C]``) in ``T`` (unmasked).
+  """
+  if rois.ndim == 3:
+    return _per_image(features, rois, offsets, geometry)
+  n, _, _, channels = features.shape
+  num_rois = rois.shape[0]
+  acc = compute_dtype(features.dtype)
+  layout = _layout(features.shape, num_rois, geometry, offsets is not None)
+  chunked, branch, order = _chunked_plan(layout, rois, offsets, geometry, n, acc)
+  out = _unsort(_run(layout, features, chunked, branch), order, num_rois)
+  return out.reshape(num_rois, *geometry.output_size, channels).astype(features.dtype)
+
+
+def _per_image(features, rois, offsets, geometry: RoIPoolGeometry):
+  """Per-image RoIs ``[N, Ri, 4]``: each image pools its own boxes from its own features.
+
+  Every step is mapped over the image axis (``jax.vmap``), so each gather and scatter of the
+  features is batched over images, and a batch-sharded program runs per shard with no gather
+  of the features. An empty box (not ``x1 < x2 and y1 < y2``) gets batch index -1: no samples.
+  The images share each chunk's rung of the ladder (the largest of theirs), so the
+  ``lax.switch`` keeps one index; under sharding that is a reduction of ``num_chunks`` ints.
+  """
+  n, _, _, channels = features.shape
+  num_rois = rois.shape[1]
+  acc = compute_dtype(features.dtype)
+  one_image = (1,) + features.shape[1:]
+  layout = _layout(one_image, num_rois, geometry, offsets is not None)
+  padding = ~((rois[..., 0] < rois[..., 2]) & (rois[..., 1] < rois[..., 3]))
+  rois = jnp.concatenate([jnp.where(padding, -1, 0).astype(rois.dtype)[..., None], rois], axis=-1)
+
+  def plan(rois, offsets):
+    return _chunked_plan(layout, rois, offsets, geometry, 1, acc)
+
+  chunked, branch, order = jax.vmap(plan)(rois, offsets)
+  branch = branch.max(axis=0)
+  out = jax.vmap(lambda f, c: _run(layout, f[None], c, branch))(features, chunked)
+  if order is not None:
+    out = jax.vmap(lambda o, s: _unsort(o, s, num_rois))(out, order)
+  else:
+    out = out[:, :num_rois]
+  return out.reshape(n, num_rois, *geometry.output_size, channels).astype(features.dtype)

@@ -56,6 +56,16 @@ def deform_roi_pool(
   is outside ``[0, N)`` or that has a non-finite coordinate pools zeros. Bins whose shifted
   position is not finite (Inf/NaN offsets) are 0 with zero gradient, and never affect other bins.
 
+  *Per-image RoIs.* ``rois`` may instead be ``[N, Ri, 4]``: ``Ri`` boxes ``(x1, y1, x2, y2)`` per
+  image, the image implied by the leading axis; then offsets are ``[N, Ri, oh, ow, 2]``, mask
+  ``[N, Ri, oh, ow]`` and the result ``[N, Ri, oh, ow, C]``. Every operand and the result lead
+  with the image axis, so under ``jit`` with batch-sharded inputs each device pools its own images
+  (the native custom call is batch partitionable; the jnp implementation maps over the images),
+  with no gather of the features. A *padding box* (detectors pad to a fixed ``Ri``) is any box
+  that is not ``x1 < x2 and y1 < y2``, e.g. all zeros, or one with a non-finite coordinate: it
+  pools zeros and passes zero gradients, whatever ``sampling_ratio`` (in the ``[R, 5]`` form a
+  zero-size box with ``sampling_ratio > 0`` samples its corner, as mmcv's does).
+
   Layout and conversion from mmcv: mmcv's ``offset`` is ``[R, 2, oh, ow]`` with channel 0 the
   *x* (width) offset and channel 1 the *y* offset; here it is ``[R, oh, ow, 2]`` as ``(dy, dx)``:
   ``offsets = mmcv_offset[:, ::-1].transpose(0, 2, 3, 1)``.
@@ -74,14 +84,20 @@ def deform_roi_pool(
     >>> offsets = jnp.zeros((2, 7, 7, 2))          # zero offsets: RoIAlign
     >>> flaxdcn.deform_roi_pool(features, rois, offsets).shape
     (2, 7, 7, 16)
+    >>> boxes = jnp.array([[[4.0, 4.0, 20.0, 28.0], [0.0, 0.0, 0.0, 0.0]],   # 2nd: padding
+    ...                    [[0.0, 0.0, 31.0, 31.0], [8.0, 2.0, 16.0, 9.0]]])
+    >>> flaxdcn.deform_roi_pool(features, boxes, output_size=(3, 3)).shape   # per-image RoIs
+    (2, 2, 3, 3, 16)
 
   Args:
     features: ``[N, H, W, C]``.
-    rois: ``[R, 5]`` rows ``(batch_index, x1, y1, x2, y2)`` in input-image coordinates (scaled by
-      ``spatial_scale``). Cast to the compute dtype (float32; float64 for float64 features).
-    offsets: ``[R, oh, ow, 2]`` normalised ``(dy, dx)`` per bin, or None for plain RoIAlign-style
-      pooling.
-    mask: ``[R, oh, ow]`` modulation multiplied into every bin, or None.
+    rois: ``[R, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or per-image boxes ``[N, Ri, 4]``
+      ``(x1, y1, x2, y2)``, in input-image coordinates (scaled by ``spatial_scale``). Cast to the
+      compute dtype (float32; float64 for float64 features).
+    offsets: ``[R, oh, ow, 2]`` (per image ``[N, Ri, oh, ow, 2]``) normalised ``(dy, dx)`` per
+      bin, or None for plain RoIAlign-style pooling.
+    mask: ``[R, oh, ow]`` (per image ``[N, Ri, oh, ow]``) modulation multiplied into every bin, or
+      None.
     output_size: ``oh`` and ``ow``: an int or a pair (default ``(7, 7)``).
     spatial_scale: factor from input-image to feature coordinates, e.g. ``1 / 16`` (> 0).
     sampling_ratio: samples per bin and axis; 0 (default) for ``ceil(roi_size / output_size)``.
@@ -93,8 +109,9 @@ def deform_roi_pool(
       ``--xla_gpu_deterministic_ops``.
 
   Returns:
-    ``[R, oh, ow, C]`` in the promoted dtype of ``features``, ``offsets`` and ``mask``. Sampling
-    coordinates and accumulation are float32 (float64 for float64 inputs).
+    ``[R, oh, ow, C]`` (per image ``[N, Ri, oh, ow, C]``) in the promoted dtype of ``features``,
+    ``offsets`` and ``mask``. Sampling coordinates and accumulation are float32 (float64 for
+    float64 inputs).
 
   Raises:
     ValueError: wrong rank or shape of an argument, or a bad ``output_size``, ``spatial_scale``,
@@ -110,10 +127,9 @@ def deform_roi_pool(
   geometry = _check_arguments(features, rois, offsets, mask, output_size, spatial_scale,
                               sampling_ratio, gamma)
   n, _, _, channels = jnp.shape(features)
-  num_rois = jnp.shape(rois)[0]
-  oh, ow = geometry.output_size
-  if num_rois == 0 or channels == 0 or n == 0:
-    return jnp.zeros((num_rois, oh, ow, channels), dtype)
+  leading = tuple(jnp.shape(rois)[:-1])  # (R,) or (N, Ri)
+  if math.prod(leading) == 0 or channels == 0 or n == 0:
+    return jnp.zeros((*leading, *geometry.output_size, channels), dtype)
 
   features = jnp.asarray(features, dtype)
   rois = lax.stop_gradient(jnp.asarray(rois, compute_dtype(dtype)))
@@ -136,10 +152,16 @@ def _check_arguments(features, rois, offsets, mask, output_size, spatial_scale, 
   _, height, width, _ = jnp.shape(features)
   if min(height, width) < 1:
     raise shape_error(_FN, "features", jnp.shape(features), "[N, H, W, C] with H, W >= 1")
-  if jnp.ndim(rois) != 2 or jnp.shape(rois)[1] != 5:
-    raise shape_error(_FN, "rois", jnp.shape(rois), "[R, 5]",
-                      "rows (batch_index, x1, y1, x2, y2)")
-  num_rois = jnp.shape(rois)[0]
+  if jnp.ndim(rois) == 3:
+    if jnp.shape(rois)[0] != jnp.shape(features)[0] or jnp.shape(rois)[2] != 4:
+      raise shape_error(_FN, "rois", jnp.shape(rois),
+                        f"[R, 5] or [N, Ri, 4] with N = {jnp.shape(features)[0]} (features)",
+                        "per-image boxes (x1, y1, x2, y2)")
+  elif jnp.ndim(rois) != 2 or jnp.shape(rois)[1] != 5:
+    raise shape_error(_FN, "rois", jnp.shape(rois), "[R, 5] or [N, Ri, 4]",
+                      "rows (batch_index, x1, y1, x2, y2), or per-image boxes (x1, y1, x2, y2)")
+  leading = tuple(jnp.shape(rois)[:-1])
+  per_image = len(leading) == 2
   oh, ow = pair(output_size, "output_size", fn=_FN)
   if (not isinstance(sampling_ratio, (int, np.integer)) or isinstance(sampling_ratio, bool)
       or sampling_ratio < 0):
@@ -153,10 +175,11 @@ def _check_arguments(features, rois, offsets, mask, output_size, spatial_scale, 
     if not math.isfinite(value) or (positive and value <= 0):
       raise ValueError(f"{_FN}: {name} must be a finite float{' > 0' if positive else ''}, got "
                        f"{value!r}.")
-  if offsets is not None and tuple(jnp.shape(offsets)) != (num_rois, oh, ow, 2):
-    raise shape_error(_FN, "offsets", jnp.shape(offsets), str((num_rois, oh, ow, 2)),
-                      "[R, oh, ow, 2] as (dy, dx)")
-  if mask is not None and tuple(jnp.shape(mask)) != (num_rois, oh, ow):
-    raise shape_error(_FN, "mask", jnp.shape(mask), str((num_rois, oh, ow)), "[R, oh, ow]")
+  letters = "[N, Ri, oh, ow" if per_image else "[R, oh, ow"
+  if offsets is not None and tuple(jnp.shape(offsets)) != (*leading, oh, ow, 2):
+    raise shape_error(_FN, "offsets", jnp.shape(offsets), str((*leading, oh, ow, 2)),
+                      f"{letters}, 2] as (dy, dx)")
+  if mask is not None and tuple(jnp.shape(mask)) != (*leading, oh, ow):
+    raise shape_error(_FN, "mask", jnp.shape(mask), str((*leading, oh, ow)), f"{letters}]")
   return RoIPoolGeometry((int(height), int(width)), (oh, ow), float(spatial_scale),
                          int(sampling_ratio), float(gamma))
