@@ -16,3 +16,14 @@ from flaxdcn.ops.deformable_kernel import deformable_kernel_conv2d as deformable
 from flaxdcn.ops.roi_pool import deform_roi_pool as deform_roi_pool
 
 __version__ = "0.1.0"
+
+#: Subpackages imported on first attribute access (``flaxdcn.nnx`` imports ``flax.nnx``, which
+#: ``import flaxdcn`` does not need).
+_LAZY_SUBMODULES = ("nnx",)
+
+
+def __getattr__(name: str):
+  if name in _LAZY_SUBMODULES:
+    import importlib
+    return importlib.import_module(f"{__name__}.{name}")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
