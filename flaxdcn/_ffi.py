@@ -567,3 +567,161 @@ def deform_roi_pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | N
   if offsets is None:
     offsets = jnp.zeros((*rois.shape[:-1], *geometry.output_size, 0), features.dtype)
   return _roi_pool(features, rois, offsets, geometry, bool(deterministic_backward), fallback)
+
+
+# --- DCNv3 / DCNv4 -------------------------------------------------------------------------------
+# Fused sampling summed over points: inputs [N, H, W, C] and DCNv3's offsets + mask (or DCNv4's
+# offset_mask) -> out [N, Ho, Wo, C]. Every operand and result leads with the image axis, so vmap
+# folds into it and the custom calls partition by it, like the convolution's.
+
+_DCNV3 = "flaxdcn_dcnv3"
+_DCNV3_BWD = "flaxdcn_dcnv3_bwd"
+_DCNV4 = "flaxdcn_dcnv4"
+_DCNV4_BWD = "flaxdcn_dcnv4_bwd"
+
+if _native is not None:
+  for _name in (_DCNV3, _DCNV3_BWD, _DCNV4, _DCNV4_BWD):
+    jax.ffi.register_ffi_target_as_batch_partitionable(_name)
+
+_dcnv3_p = _define(_DCNV3, multiple_results=False)
+_dcnv3_bwd_p = _define(_DCNV3_BWD, multiple_results=True)
+_dcnv4_p = _define(_DCNV4, multiple_results=False)
+_dcnv4_bwd_p = _define(_DCNV4_BWD, multiple_results=True)
+
+
+def _dcnv3_attributes(geometry, **extra) -> dict[str, Any]:
+  conv = geometry.conv
+  (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.strides, conv.dilation
+  (ph, _), (pw, _) = conv.padding
+  attrs = dict(kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw, pad_h=ph, pad_w=pw,
+               dilation_h=dh, dilation_w=dw, groups=geometry.groups)
+  return ({k: np.int64(v) for k, v in attrs.items()}
+          | dict(offset_scale=np.float64(geometry.offset_scale),
+                 remove_center=bool(geometry.remove_center)) | extra)
+
+
+def _dcnv3_abstract(inputs, *sampling, geometry, fallback):
+  del sampling, fallback
+  return _out_aval(inputs, (inputs.shape[0], *geometry.conv.out_size, inputs.shape[-1]))
+
+
+def _dcnv3_bwd_abstract(grad_out, inputs, *sampling, geometry, deterministic, fallback):
+  del grad_out, geometry, deterministic, fallback
+  return [_out_aval(inputs, inputs.shape)] + [_out_aval(a, a.shape) for a in sampling]
+
+
+def _dcnv3_fallback(op: str):
+  def rule(ctx, *args, geometry, fallback):
+    if fallback is None:
+      raise _unavailable_error(op, ctx)
+    fn = lambda *a: fallback(*a, geometry)
+    return mlir.lower_fun(fn, multiple_results=False)(ctx, *args)
+  return rule
+
+
+def _dcnv3_bwd_fallback(op: str):
+  def rule(ctx, grad_out, *primals, geometry, deterministic, fallback):
+    del deterministic
+    if fallback is None:
+      raise _unavailable_error(op, ctx)
+
+    def fn(grad_out, *primals):
+      _, vjp = jax.vjp(lambda *a: fallback(*a, geometry), *primals)
+      return vjp(grad_out)
+
+    return mlir.lower_fun(fn, multiple_results=True)(ctx, grad_out, *primals)
+  return rule
+
+
+def _fold_leading(prim: Primitive):
+  """Batching rule of a primitive whose operands and results all lead with the image axis."""
+
+  def rule(args, dims, **params):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    out = prim.bind(*(_fold(a, d, size) for a, d in zip(args, dims)), **params)
+    if prim.multiple_results:
+      return [_unfold(o, size) for o in out], [0] * len(out)
+    return _unfold(out, size), 0
+
+  return rule
+
+
+for _fwd_p, _bwd_p, _fwd_target, _bwd_target, _op in (
+    (_dcnv3_p, _dcnv3_bwd_p, _DCNV3, _DCNV3_BWD, "dcnv3"),
+    (_dcnv4_p, _dcnv4_bwd_p, _DCNV4, _DCNV4_BWD, "dcnv4")):
+  _fwd_p.def_abstract_eval(_dcnv3_abstract)
+  _bwd_p.def_abstract_eval(_dcnv3_bwd_abstract)
+  batching.primitive_batchers[_fwd_p] = _fold_leading(_fwd_p)
+  batching.primitive_batchers[_bwd_p] = _fold_leading(_bwd_p)
+  _register_lowerings(_fwd_p, _fwd_target,
+                      lambda geometry, fallback: _dcnv3_attributes(geometry),
+                      _dcnv3_fallback(_op), batch_partitionable=True)
+  _register_lowerings(_bwd_p, _bwd_target,
+                      lambda geometry, deterministic, fallback: _dcnv3_attributes(
+                          geometry, deterministic=bool(deterministic)),
+                      _dcnv3_bwd_fallback(_op), batch_partitionable=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _dcnv3(inputs, offsets, mask, geometry, deterministic, fallback):
+  del deterministic
+  return _dcnv3_p.bind(inputs, offsets, mask, geometry=geometry, fallback=fallback)
+
+
+def _dcnv3_fwd(inputs, offsets, mask, geometry, deterministic, fallback):
+  return (_dcnv3(inputs, offsets, mask, geometry, deterministic, fallback),
+          (inputs, offsets, mask))
+
+
+def _dcnv3_vjp(geometry, deterministic, fallback, residuals, grad_out):
+  return tuple(_dcnv3_bwd_p.bind(grad_out, *residuals, geometry=geometry,
+                                 deterministic=deterministic, fallback=fallback))
+
+
+_dcnv3.defvjp(_dcnv3_fwd, _dcnv3_vjp)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _dcnv4(inputs, offset_mask, geometry, deterministic, fallback):
+  del deterministic
+  return _dcnv4_p.bind(inputs, offset_mask, geometry=geometry, fallback=fallback)
+
+
+def _dcnv4_fwd(inputs, offset_mask, geometry, deterministic, fallback):
+  return (_dcnv4(inputs, offset_mask, geometry, deterministic, fallback),
+          (inputs, offset_mask))
+
+
+def _dcnv4_vjp(geometry, deterministic, fallback, residuals, grad_out):
+  return tuple(_dcnv4_bwd_p.bind(grad_out, *residuals, geometry=geometry,
+                                 deterministic=deterministic, fallback=fallback))
+
+
+_dcnv4.defvjp(_dcnv4_fwd, _dcnv4_vjp)
+
+
+def dcnv3(inputs: jax.Array, offsets: jax.Array, mask: jax.Array, geometry, *,
+          deterministic_backward: bool, fallback: Callable | None) -> jax.Array:
+  """DCNv3 by the fused native kernels (arguments already checked).
+
+  Args:
+    inputs: ``[N, H, W, C]`` in a floating dtype ``T``.
+    offsets: ``[N, Ho, Wo, G * P * 2]`` in ``T``, channel order ``(g, p, (dx, dy))``.
+    mask: ``[N, Ho, Wo, G * P]`` in ``T``.
+    geometry: the static :class:`~flaxdcn._geometry.Dcnv3Geometry`.
+    deterministic_backward: the CUDA backward sums grad-inputs in fixed point instead of with
+      float atomics (bitwise reproducible); the CPU backward always is.
+    fallback: ``fallback(inputs, offsets, mask, geometry)``, lowered on platforms without native
+      kernels; None (``implementation="ffi"``) makes those platforms an error.
+
+  Returns:
+    ``[N, Ho, Wo, C]`` in ``T``; differentiable in all three arguments.
+  """
+  return _dcnv3(inputs, offsets, mask, geometry, bool(deterministic_backward), fallback)
+
+
+def dcnv4(inputs: jax.Array, offset_mask: jax.Array, geometry, *, deterministic_backward: bool,
+          fallback: Callable | None) -> jax.Array:
+  """DCNv4 by the fused native kernels: :func:`dcnv3` with ``offset_mask [N, Ho, Wo, D]`` (its
+  padding channels get zero gradient); ``fallback(inputs, offset_mask, geometry)``."""
+  return _dcnv4(inputs, offset_mask, geometry, bool(deterministic_backward), fallback)

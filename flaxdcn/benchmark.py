@@ -76,6 +76,16 @@ class RoIShape:
   description: str = ""
 
 
+#: DCNv3 / DCNv4 shapes (G = offset_groups), measured against a depthwise 3x3 convolution; the
+#: conv shapes get these rows too, with G = 4.
+DCNV3_SHAPES = {
+    s.name: s for s in [
+        ConvShape("V1", 8, 56, 64, 64, offset_groups=4,
+                  description="InternImage-like DCNv3/DCNv4 layer, against a depthwise conv"),
+    ]
+}
+
+
 ROI_SHAPES = {
     s.name: s for s in [
         RoIShape("P1", 2, 50, 256, 512, description="Faster R-CNN head at 800 px"),
@@ -125,6 +135,44 @@ def _conv_cases(shape: ConvShape, dtype_name: str, impls: Sequence[str]) -> list
 
     cases.append(Case(shape.name, dtype_name, "deform_conv2d", impl, dcn, (x, offsets, mask, w),
                       (0, 1, 2, 3)))
+  return cases
+
+
+def _dcnv3_cases(shape: ConvShape, dtype_name: str, impls: Sequence[str], groups: int
+                 ) -> list[Case]:
+  """``dcnv3`` and ``dcnv4`` (3x3, padding 1) against a depthwise 3x3 ``lax.conv_general_dilated``
+  (``feature_group_count = C``): the same sampling footprint without the deformation."""
+  dtype = DTYPES[dtype_name]
+  n, size, c, points = shape.batch, shape.size, shape.in_features, 9
+  keys = jax.random.split(jax.random.key(2), 4)
+  x = jax.random.normal(keys[0], (n, size, size, c), dtype)
+  w = (jax.random.normal(keys[1], (3, 3, 1, c), dtype) / 3).astype(dtype)
+  offsets = jax.random.normal(keys[2], (n, size, size, groups * points * 2), dtype)
+  logits = jax.random.normal(keys[3], (n, size, size, groups, points))
+  mask = jax.nn.softmax(logits, -1).reshape(n, size, size, groups * points).astype(dtype)
+  width = -(-groups * points * 3 // 8) * 8
+  packed = jnp.concatenate([offsets.reshape(n, size, size, groups, 2 * points),
+                            mask.reshape(n, size, size, groups, points)], -1)
+  offset_mask = jnp.pad(packed.reshape(n, size, size, -1),
+                        ((0, 0), (0, 0), (0, 0), (0, width - groups * points * 3)))
+
+  def depthwise(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    feature_group_count=c)
+
+  base = "dwconv/dense"
+  cases = [Case(shape.name, dtype_name, "dwconv", "dense", depthwise, (x, w), (0, 1), base)]
+  for impl in impls:
+    if impl == "torchvision":
+      continue
+    kw = dict(kernel_size=3, padding=1, group_count=groups, implementation=impl)
+    cases.append(Case(shape.name, dtype_name, "dcnv3", impl,
+                      lambda x, o, m, kw=kw: flaxdcn.dcnv3(x, o, m, **kw), (x, offsets, mask),
+                      (0, 1, 2), base))
+    cases.append(Case(shape.name, dtype_name, "dcnv4", impl,
+                      lambda x, om, kw=kw: flaxdcn.dcnv4(x, om, **kw), (x, offset_mask), (0, 1),
+                      base))
   return cases
 
 
@@ -340,9 +388,13 @@ def _groups(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], 
         if "torchvision" in impls:
           peers["deform_roi_pool"] = ("roi_align", _torchvision_roi_align(shape, dtype_name,
                                                                           device))
+      elif shape_name in DCNV3_SHAPES:
+        shape = DCNV3_SHAPES[shape_name]
+        cases = _dcnv3_cases(shape, dtype_name, impls, shape.offset_groups)
       else:
         shape = SHAPES[shape_name]
         cases = _conv_cases(shape, dtype_name, impls)
+        cases += _dcnv3_cases(shape, dtype_name, impls, 4)
         if deformable_kernels:
           cases += _deformable_kernel_cases(shape, dtype_name)
         if "torchvision" in impls:
@@ -454,7 +506,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "roi_align):\n" + "\n".join(
           f"  {s.name:5s} N={s.batch}, {s.size}x{s.size}, {s.channels} channels, R={s.rois}, "
           f"{s.output}x{s.output}, spatial_scale 1/{s.stride}, adaptive sub-grid "
-          f"({s.description})" for s in ROI_SHAPES.values()))
+          f"({s.description})" for s in ROI_SHAPES.values())
+      + "\nshapes (dcnv3 and dcnv4, 3x3, against a depthwise 3x3 conv; every conv shape above "
+        "adds these rows with G=4):\n" + "\n".join(
+          f"  {s.name:5s} N={s.batch}, {s.size}x{s.size}, C={s.in_features}, "
+          f"G={s.offset_groups} ({s.description})" for s in DCNV3_SHAPES.values()))
   on_gpu = jax.devices()[0].platform == "gpu"
   parser.add_argument("--shapes", default="R1,G1,G1g4,G2,P1" if on_gpu else "R1,P1",
                       help="comma-separated shape names (default: R1,P1 on CPU, all on GPU)")
@@ -473,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   shapes = [s for s in args.shapes.split(",") if s]
   dtypes = [d for d in args.dtypes.split(",") if d]
   impls = [i for i in args.implementations.split(",") if i]
-  for name, values, allowed in (("shape", shapes, {**SHAPES, **ROI_SHAPES}),
+  for name, values, allowed in (("shape", shapes, {**SHAPES, **ROI_SHAPES, **DCNV3_SHAPES}),
                                 ("dtype", dtypes, DTYPES),
                                 ("implementation", impls, ("xla", "ffi", "torchvision"))):
     bad = [v for v in values if v not in allowed]

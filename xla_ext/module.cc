@@ -4,6 +4,7 @@
 
 #include "pybind11/pybind11.h"
 #include "xla/ffi/api/c_api.h"
+#include "xla_ext/dcnv3_ops.h"
 #include "xla_ext/ops.h"
 
 #ifdef FLAXDCN_WITH_CUDA
@@ -31,6 +32,15 @@ py::dict Targets(py::capsule im2col, py::capsule im2col_bwd, py::capsule roi_poo
   return targets;
 }
 
+// The DCNv3 / DCNv4 targets, added to a platform's `targets`.
+void AddDcnv3Targets(py::dict targets, py::capsule dcnv3, py::capsule dcnv3_bwd,
+                     py::capsule dcnv4, py::capsule dcnv4_bwd) {
+  targets["flaxdcn_dcnv3"] = dcnv3;
+  targets["flaxdcn_dcnv3_bwd"] = dcnv3_bwd;
+  targets["flaxdcn_dcnv4"] = dcnv4;
+  targets["flaxdcn_dcnv4_bwd"] = dcnv4_bwd;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -42,11 +52,17 @@ PYBIND11_MODULE(_native, m) {
                                    EncapsulateHandler(FlaxdcnDeformIm2colBwdCpu),
                                    EncapsulateHandler(FlaxdcnDeformRoiPoolCpu),
                                    EncapsulateHandler(FlaxdcnDeformRoiPoolBwdCpu));
+    AddDcnv3Targets(py::dict(registrations["cpu"]), EncapsulateHandler(FlaxdcnDcnv3Cpu),
+                    EncapsulateHandler(FlaxdcnDcnv3BwdCpu), EncapsulateHandler(FlaxdcnDcnv4Cpu),
+                    EncapsulateHandler(FlaxdcnDcnv4BwdCpu));
 #ifdef FLAXDCN_WITH_CUDA
     registrations["CUDA"] = Targets(EncapsulateHandler(FlaxdcnDeformIm2colCuda),
                                     EncapsulateHandler(FlaxdcnDeformIm2colBwdCuda),
                                     EncapsulateHandler(FlaxdcnDeformRoiPoolCuda),
                                     EncapsulateHandler(FlaxdcnDeformRoiPoolBwdCuda));
+    AddDcnv3Targets(py::dict(registrations["CUDA"]), EncapsulateHandler(FlaxdcnDcnv3Cuda),
+                    EncapsulateHandler(FlaxdcnDcnv3BwdCuda), EncapsulateHandler(FlaxdcnDcnv4Cuda),
+                    EncapsulateHandler(FlaxdcnDcnv4BwdCuda));
 #endif
     return registrations;
   }, "{platform: {target name: handler capsule}} of the kernels in this build.");

@@ -7,10 +7,10 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from flaxdcn import _ffi
 from flaxdcn._geometry import (ConvGeometry, Dcnv3Geometry, PaddingLike, check_implementation,
                                pair, result_dtype, shape_error)
 from flaxdcn.ops import _xla_dcnv3
-from flaxdcn.ops.deform_conv import deform_im2col
 
 
 def dcnv3(
@@ -113,8 +113,9 @@ def dcnv3(
   inputs, offsets, mask = (jnp.asarray(a, dtype) for a in (inputs, offsets, mask))
   if implementation == "xla":
     return _xla_dcnv3.dcnv3(inputs, offsets, mask, geometry)
-  return _xla_dcnv3.dcnv3(inputs, offsets, mask, geometry,
-                          _native_im2col(implementation, deterministic_backward))
+  fallback = _xla_dcnv3.dcnv3 if implementation is None else None
+  return _ffi.dcnv3(inputs, offsets, mask, geometry,
+                    deterministic_backward=deterministic_backward, fallback=fallback)
 
 
 def dcnv4(
@@ -178,17 +179,9 @@ def dcnv4(
   inputs, offset_mask = (jnp.asarray(a, dtype) for a in (inputs, offset_mask))
   if implementation == "xla":
     return _xla_dcnv3.dcnv4(inputs, offset_mask, geometry)
-  return _xla_dcnv3.dcnv4(inputs, offset_mask, geometry,
-                          _native_im2col(implementation, deterministic_backward))
-
-
-def _native_im2col(implementation, deterministic_backward):
-  def im2col(inputs, offsets, mask, conv):
-    dtype = inputs.dtype
-    return deform_im2col(inputs, offsets.astype(dtype), mask.astype(dtype), conv,
-                         implementation=implementation,
-                         deterministic_backward=deterministic_backward)
-  return im2col
+  fallback = _xla_dcnv3.dcnv4 if implementation is None else None
+  return _ffi.dcnv4(inputs, offset_mask, geometry,
+                    deterministic_backward=deterministic_backward, fallback=fallback)
 
 
 def _check_geometry(fn, inputs, kernel_size, strides, padding, kernel_dilation, group_count,

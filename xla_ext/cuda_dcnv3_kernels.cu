@@ -1,0 +1,285 @@
+// CUDA kernels of DCNv3 / DCNv4, channels last, on the sampling core of sampling.h.
+//
+// Forward: one sub-warp (a power-of-two group of lanes, at most a warp) owns one (position,
+// group): it walks the group's channels in vectors of V, and for each vector sums every point's
+// bilinear read times its mask in registers: no columns are materialised. Backward: one sub-warp
+// per sample (position, group, point), as in the DCN backward: the grad-input scatter of
+// grad_out times the corner weights, and the four channel reductions that give grad-offset and
+// grad-mask. Index arithmetic is 64-bit.
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+
+#include "xla_ext/cuda_accumulate.h"
+#include "xla_ext/cuda_common.cuh"
+#include "xla_ext/cuda_dcnv3_kernels.h"
+#include "xla_ext/dcnv3_params.h"
+#include "xla_ext/params.h"
+#include "xla_ext/sampling.h"
+
+namespace flaxdcn {
+namespace cuda {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ ConvSample<Acc<T>> LoadDcnv3Sample(const Dcnv3Params& p, int64_t np,
+                                                              int64_t g, int64_t k,
+                                                              const T* offset, const T* mask,
+                                                              Acc<T>* mask_value) {
+  using A = Acc<T>;
+  const int64_t pos = np % p.positions();
+  const int64_t y = pos / p.out_width, x = pos % p.out_width;
+  int64_t i, j;
+  Dcnv3Point(p, k, &i, &j);
+  const T* off = offset + np * p.offset_stride + g * p.offset_group_stride + 2 * k;
+  const A m = ToAcc<T>(mask[np * p.mask_stride + g * p.mask_group_stride + k]);
+  A h, w;
+  Dcnv3Location<A>(p, y, x, i, j, ToAcc<T>(off[0]), ToAcc<T>(off[1]), &h, &w);
+  *mask_value = m;
+  return MakeConvSample<A>(h, w, m, p.height, p.width);
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kBlockThreads)
+    Dcnv3Kernel(Dcnv3Params p, int lanes, const T* __restrict__ input,
+                const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ out) {
+  using A = Acc<T>;
+  const int lane = threadIdx.x & (lanes - 1);
+  const int64_t unit = int64_t{blockIdx.x} * (kBlockThreads / lanes) + threadIdx.x / lanes;
+  if (unit >= p.batch * p.positions() * p.groups) return;
+  const int64_t g = unit % p.groups;
+  const int64_t np = unit / p.groups;
+  const int64_t n = np / p.positions();
+  const int64_t group_channels = p.group_channels();
+  const T* image = input + n * p.height * p.width * p.channels + g * group_channels;
+  T* dst = out + np * p.channels + g * group_channels;
+  for (int64_t c = int64_t{lane} * V; c < group_channels; c += int64_t{lanes} * V) {
+    A acc[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] = A(0);
+    for (int64_t k = 0; k < p.points(); ++k) {
+      A m;
+      const ConvSample<A> s = LoadDcnv3Sample(p, np, g, k, offset, mask, &m);
+      if (!s.valid) continue;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if (s.pixel[q] < 0) continue;
+        A val[V];
+        LoadVec<T, V>(image + s.pixel[q] * p.channels + c, val);
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[v] += s.weight[q] * val[v];
+      }
+    }
+    StoreVec<T, V>(dst + c, acc);
+  }
+}
+
+template <typename T, int V, Accumulate M>
+__global__ void __launch_bounds__(kBlockThreads)
+    Dcnv3BackwardKernel(Dcnv3Params p, int lanes, const T* __restrict__ grad_out,
+                        const T* __restrict__ input, const T* __restrict__ offset,
+                        const T* __restrict__ mask, GradAccumulator<Acc<T>> acc,
+                        T* __restrict__ grad_offset, T* __restrict__ grad_mask) {
+  using A = Acc<T>;
+  const int lane = threadIdx.x & (lanes - 1);
+  const int64_t sample = int64_t{blockIdx.x} * (kBlockThreads / lanes) + threadIdx.x / lanes;
+  // Inactive lanes stay to the end: the sub-warp reduction needs every lane of the warp.
+  const bool active = sample < p.samples();
+  using Scale = std::remove_cv_t<std::remove_pointer_t<decltype(acc.scale)>>;
+  const Scale scale = M == Accumulate::kFixedPoint ? *acc.scale : Scale{};
+  A dots[4] = {A(0), A(0), A(0), A(0)};
+  A m = A(1);
+  ConvSample<A> s;
+  int64_t k = 0, g = 0, np = 0;
+  if (active) {
+    k = sample % p.points();
+    g = (sample / p.points()) % p.groups;
+    np = sample / (p.points() * p.groups);
+    s = LoadDcnv3Sample(p, np, g, k, offset, mask, &m);
+  }
+  if (active && s.valid) {
+    const int64_t group_channels = p.group_channels();
+    const int64_t n = np / p.positions();
+    const int64_t image_base = n * p.height * p.width * p.channels + g * group_channels;
+    const T* grad = grad_out + np * p.channels + g * group_channels;
+    for (int64_t c = int64_t{lane} * V; c < group_channels; c += int64_t{lanes} * V) {
+      A gv[V];
+      LoadVec<T, V>(grad + c, gv);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if (s.pixel[q] < 0) continue;
+        const int64_t base = image_base + s.pixel[q] * p.channels + c;
+        A val[V];
+        LoadVec<T, V>(input + base, val);
+        A d = A(0);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          d += gv[v] * val[v];
+          AccumulateAdd<M>(acc, scale, base + v, gv[v] * s.weight[q]);
+        }
+        dots[q] += d;
+      }
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) dots[q] = SubWarpSum(dots[q], lanes);
+  if (active && lane == 0) {
+    const ConvSampleGrad<A> gr = ConvSampleBackward(s, m, dots);
+    const A offset_scale = A(p.offset_scale);
+    T* off = grad_offset + np * p.offset_stride + g * p.offset_group_stride + 2 * k;
+    off[0] = FromAcc<T>(gr.w * offset_scale);  // d / d dx = d / d w * s
+    off[1] = FromAcc<T>(gr.h * offset_scale);
+    grad_mask[np * p.mask_stride + g * p.mask_group_stride + k] = FromAcc<T>(gr.mask);
+  }
+}
+
+size_t Bytes(ElementType type) {
+  return type == ElementType::kF64 ? 8 : type == ElementType::kF32 ? 4 : 2;
+}
+
+// The widest vector that divides the group's channels and keeps every access aligned.
+template <typename T>
+int VectorWidth(const Dcnv3Params& p, std::initializer_list<const void*> pointers) {
+  constexpr int kWide = kWideVec<T>;
+  if (p.group_channels() % kWide != 0) return 1;
+  for (const void* ptr : pointers) {
+    if (ptr != nullptr && !Aligned(ptr, kWide * sizeof(T))) return 1;
+  }
+  return kWide;
+}
+
+template <typename T, Accumulate M>
+void LaunchBackwardKernel(cudaStream_t stream, const Dcnv3Params& p, int width, int lanes,
+                          const T* gout, const T* in, const T* off, const T* msk,
+                          const GradAccumulator<Acc<T>>& acc, T* goff, T* gmsk) {
+  const unsigned int grid = GridFor(p.samples(), lanes);
+  if (width == kWideVec<T>) {
+    Dcnv3BackwardKernel<T, kWideVec<T>, M><<<grid, kBlockThreads, 0, stream>>>(
+        p, lanes, gout, in, off, msk, acc, goff, gmsk);
+  } else {
+    Dcnv3BackwardKernel<T, 1, M><<<grid, kBlockThreads, 0, stream>>>(p, lanes, gout, in, off,
+                                                                       msk, acc, goff, gmsk);
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+
+cudaError_t LaunchDcnv3(cudaStream_t stream, ElementType type, const Dcnv3Params& p,
+                        const void* input, const void* offset, const void* mask, void* out) {
+  using namespace cuda;  // NOLINT
+  const int64_t units = p.batch * p.positions() * p.groups;
+  if (units == 0 || p.channels == 0) return cudaSuccess;
+  return DispatchType(type, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const int width = VectorWidth<T>(p, {input, out});
+    const int lanes = SubWarpLanes(p.group_channels() / width);
+    const unsigned int grid = GridFor(units, lanes);
+    const auto* in = static_cast<const T*>(input);
+    const auto* off = static_cast<const T*>(offset);
+    const auto* msk = static_cast<const T*>(mask);
+    auto* dst = static_cast<T*>(out);
+    if (width == kWideVec<T>) {
+      Dcnv3Kernel<T, kWideVec<T>><<<grid, kBlockThreads, 0, stream>>>(p, lanes, in, off, msk,
+                                                                      dst);
+    } else {
+      Dcnv3Kernel<T, 1><<<grid, kBlockThreads, 0, stream>>>(p, lanes, in, off, msk, dst);
+    }
+    return cudaGetLastError();
+  });
+}
+
+size_t Dcnv3BackwardWorkspace(ElementType type, const Dcnv3Params& p, bool deterministic) {
+  return cuda::GradWorkspaceBytes(type, p.batch * p.height * p.width * p.channels,
+                                  deterministic);
+}
+
+cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcnv3Params& p,
+                                bool deterministic, const void* grad_out, const void* input,
+                                const void* offset, const void* mask, const void* mask_buffer,
+                                int64_t mask_elements, void* grad_input, void* grad_offset,
+                                void* grad_mask, void* workspace) {
+  using namespace cuda;  // NOLINT
+  const int64_t elements = p.batch * p.height * p.width * p.channels;
+  const int64_t rows = p.batch * p.positions();
+  const size_t bytes = Bytes(type);
+  if (p.pad_channels_begin > 0 && rows > 0) {
+    // DCNv4's padding channels: the tail of every row of grad_offset_mask.
+    const size_t pitch = p.offset_stride * bytes;
+    if (cudaError_t e = cudaMemset2DAsync(
+            static_cast<char*>(grad_offset) + p.pad_channels_begin * bytes, pitch, 0,
+            (p.offset_stride - p.pad_channels_begin) * bytes, rows, stream);
+        e != cudaSuccess) {
+      return e;
+    }
+  }
+  if (p.samples() == 0) {
+    return elements == 0 ? cudaSuccess : cudaMemsetAsync(grad_input, 0, elements * bytes, stream);
+  }
+  if (p.channels == 0) {
+    // No channel to reduce (and no input element): the sampling gradients are zero. The mask of
+    // DCNv4 lies inside grad_offset's rows, so clearing whole rows covers it.
+    if (cudaError_t e = cudaMemsetAsync(grad_offset, 0, rows * p.offset_stride * bytes, stream);
+        e != cudaSuccess) {
+      return e;
+    }
+    return p.pad_channels_begin > 0 || grad_mask == nullptr
+               ? cudaSuccess
+               : cudaMemsetAsync(grad_mask, 0, rows * p.mask_stride * bytes, stream);
+  }
+  GradBuffers buffers;
+  if (cudaError_t e = PrepareGrad(stream, type, elements, deterministic, workspace, grad_input,
+                                  &buffers);
+      e != cudaSuccess) {
+    return e;
+  }
+  if (deterministic) {
+    if (cudaError_t e = LaunchMaxAbs(stream, type, grad_out, rows * p.channels,
+                                     buffers.max_bits, 0);
+        e != cudaSuccess) {
+      return e;
+    }
+    // The whole buffer that holds the mask (DCNv4: offsets too) bounds |mask| from above.
+    if (cudaError_t e = LaunchMaxAbs(stream, type, mask_buffer, mask_elements, buffers.max_bits,
+                                     1);
+        e != cudaSuccess) {
+      return e;
+    }
+    // Each grad-input element receives at most one corner weight (<= |mask|) from each of the
+    // Ho * Wo * P samples of its image and group.
+    if (cudaError_t e = LaunchFixedPointScale(stream, buffers, true,
+                                              double(p.positions()) * double(p.points()));
+        e != cudaSuccess) {
+      return e;
+    }
+  }
+  cudaError_t status = DispatchType(type, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = Acc<T>;
+    const int width = VectorWidth<T>(p, {grad_out, input});
+    const int lanes = SubWarpLanes(p.group_channels() / width);
+    const GradAccumulator<A> acc{static_cast<A*>(buffers.atomic), buffers.fixed,
+                                 static_cast<A*>(buffers.special), buffers.scale};
+    const auto* gout = static_cast<const T*>(grad_out);
+    const auto* in = static_cast<const T*>(input);
+    const auto* off = static_cast<const T*>(offset);
+    const auto* msk = static_cast<const T*>(mask);
+    auto* goff = static_cast<T*>(grad_offset);
+    auto* gmsk = static_cast<T*>(grad_mask);
+    if (deterministic) {
+      LaunchBackwardKernel<T, Accumulate::kFixedPoint>(stream, p, width, lanes, gout, in, off,
+                                                        msk, acc, goff, gmsk);
+    } else {
+      LaunchBackwardKernel<T, Accumulate::kAtomic>(stream, p, width, lanes, gout, in, off, msk,
+                                                   acc, goff, gmsk);
+    }
+    return cudaGetLastError();
+  });
+  if (status != cudaSuccess) return status;
+  return FinishGrad(stream, type, elements, deterministic, buffers, grad_input);
+}
+
+}  // namespace flaxdcn
