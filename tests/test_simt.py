@@ -39,6 +39,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -155,13 +156,15 @@ def _build(cache_dir, compiler, cuda_sources, host_sources, include=None):
     obj = os.path.join(cache_dir, f"{name}.{key}.o")
     if os.path.exists(obj):
       return obj, None
-    source = os.path.join(cache_dir, f"{name}.{key}.cc")
-    with open(source, "w") as f:
+    # Private names until the object is complete: concurrent sessions may build the same one.
+    private = os.path.join(cache_dir, f"{name}.{key}.{os.getpid()}.{threading.get_ident()}")
+    with open(private + ".cc", "w") as f:
       f.write(text)
-    run = subprocess.run([compiler, *FLAGS, *includes, "-c", source, "-o", obj + ".tmp"],
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run([compiler, *FLAGS, *includes, "-c", private + ".cc", "-o",
+                          private + ".o"], capture_output=True, text=True, timeout=900)
     if run.returncode == 0:
-      os.replace(obj + ".tmp", obj)
+      os.replace(private + ".o", obj)
+    os.remove(private + ".cc")
     return obj, run
 
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -172,10 +175,11 @@ def _build(cache_dir, compiler, cuda_sources, host_sources, include=None):
   binary = os.path.join(cache_dir, "driver-" + hashlib.sha256(
       " ".join(objects).encode()).hexdigest()[:20])
   if not os.path.exists(binary):
-    link = subprocess.run([compiler, *FLAGS, *objects, "-o", binary + ".tmp"],
+    private = f"{binary}.{os.getpid()}"
+    link = subprocess.run([compiler, *FLAGS, *objects, "-o", private],
                           capture_output=True, text=True, timeout=300)
     assert link.returncode == 0, link.stderr[-8000:]
-    os.replace(binary + ".tmp", binary)
+    os.replace(private, binary)
   return binary
 
 
