@@ -136,6 +136,28 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// Zeroes bytes [begin, pitch) of each of `rows` rows of `pitch` bytes (DCNv4's padding channels).
+__global__ void __launch_bounds__(kBlockThreads)
+    ZeroRowTailsKernel(unsigned char* data, int64_t rows, int64_t pitch, int64_t begin) {
+  const int64_t width = pitch - begin;
+  const int64_t i = int64_t{blockIdx.x} * kBlockThreads + threadIdx.x;
+  if (i >= rows * width) return;
+  data[(i / width) * pitch + begin + i % width] = 0;
+}
+
+// out[sample] = mask of sample ((np * G + g) * P + k), byte by byte (`width` bytes each).
+__global__ void __launch_bounds__(kBlockThreads)
+    GatherMaskKernel(Dcnv3Params p, const unsigned char* mask, unsigned char* out,
+                     int64_t width) {
+  const int64_t i = int64_t{blockIdx.x} * kBlockThreads + threadIdx.x;
+  if (i >= p.samples() * width) return;
+  const int64_t sample = i / width, byte = i % width;
+  const int64_t k = sample % p.points();
+  const int64_t g = (sample / p.points()) % p.groups;
+  const int64_t np = sample / (p.points() * p.groups);
+  out[i] = mask[(np * p.mask_stride + g * p.mask_group_stride + k) * width + byte];
+}
+
 size_t Bytes(ElementType type) {
   return type == ElementType::kF64 ? 8 : type == ElementType::kF32 ? 4 : 2;
 }
@@ -192,29 +214,42 @@ cudaError_t LaunchDcnv3(cudaStream_t stream, ElementType type, const Dcnv3Params
   });
 }
 
+namespace {
+
+// DCNv4's mask values lie inside offset_mask; the fixed-point bound needs their maximum alone
+// (the offsets may be huge), so the deterministic backward first gathers them, contiguously, at
+// the front of the workspace. Zero bytes for DCNv3, whose mask is its own buffer.
+size_t GatheredMaskBytes(ElementType type, const Dcnv3Params& p, bool deterministic) {
+  const bool packed = p.mask_stride == p.offset_stride;  // DCNv4 (DCNv3: G*P vs 2*G*P)
+  if (!deterministic || !packed) return 0;
+  const size_t bytes = p.samples() * cuda::Bytes(type);
+  return (bytes + 15) / 16 * 16;  // keeps the accumulation buffers 16-byte aligned
+}
+
+}  // namespace
+
 size_t Dcnv3BackwardWorkspace(ElementType type, const Dcnv3Params& p, bool deterministic) {
-  return cuda::GradWorkspaceBytes(type, p.batch * p.height * p.width * p.channels,
+  return GatheredMaskBytes(type, p, deterministic) +
+         cuda::GradWorkspaceBytes(type, p.batch * p.height * p.width * p.channels,
                                   deterministic);
 }
 
 cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcnv3Params& p,
                                 bool deterministic, const void* grad_out, const void* input,
-                                const void* offset, const void* mask, const void* mask_buffer,
-                                int64_t mask_elements, void* grad_input, void* grad_offset,
-                                void* grad_mask, void* workspace) {
+                                const void* offset, const void* mask, void* grad_input,
+                                void* grad_offset, void* grad_mask, void* workspace) {
   using namespace cuda;  // NOLINT
   const int64_t elements = p.batch * p.height * p.width * p.channels;
   const int64_t rows = p.batch * p.positions();
   const size_t bytes = Bytes(type);
   if (p.pad_channels_begin > 0 && rows > 0) {
     // DCNv4's padding channels: the tail of every row of grad_offset_mask.
-    const size_t pitch = p.offset_stride * bytes;
-    if (cudaError_t e = cudaMemset2DAsync(
-            static_cast<char*>(grad_offset) + p.pad_channels_begin * bytes, pitch, 0,
-            (p.offset_stride - p.pad_channels_begin) * bytes, rows, stream);
-        e != cudaSuccess) {
-      return e;
-    }
+    const int64_t width = (p.offset_stride - p.pad_channels_begin) * bytes;
+    const unsigned int grid = GridFor(rows * width, 1);
+    ZeroRowTailsKernel<<<grid, kBlockThreads, 0, stream>>>(
+        static_cast<unsigned char*>(grad_offset), rows, p.offset_stride * bytes,
+        p.pad_channels_begin * bytes);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   if (p.samples() == 0) {
     return elements == 0 ? cudaSuccess : cudaMemsetAsync(grad_input, 0, elements * bytes, stream);
@@ -226,13 +261,15 @@ cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcn
         e != cudaSuccess) {
       return e;
     }
-    return p.pad_channels_begin > 0 || grad_mask == nullptr
-               ? cudaSuccess
-               : cudaMemsetAsync(grad_mask, 0, rows * p.mask_stride * bytes, stream);
+    const bool packed = p.mask_stride == p.offset_stride;  // DCNv4 (DCNv3: G*P vs 2*G*P)
+    return packed ? cudaSuccess
+                  : cudaMemsetAsync(grad_mask, 0, rows * p.mask_stride * bytes, stream);
   }
+  const size_t gathered = GatheredMaskBytes(type, p, deterministic);
+  void* grad_workspace = static_cast<unsigned char*>(workspace) + gathered;
   GradBuffers buffers;
-  if (cudaError_t e = PrepareGrad(stream, type, elements, deterministic, workspace, grad_input,
-                                  &buffers);
+  if (cudaError_t e = PrepareGrad(stream, type, elements, deterministic, grad_workspace,
+                                  grad_input, &buffers);
       e != cudaSuccess) {
     return e;
   }
@@ -242,8 +279,16 @@ cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcn
         e != cudaSuccess) {
       return e;
     }
-    // The whole buffer that holds the mask (DCNv4: offsets too) bounds |mask| from above.
-    if (cudaError_t e = LaunchMaxAbs(stream, type, mask_buffer, mask_elements, buffers.max_bits,
+    const void* mask_values = mask;  // DCNv3: [N, Ho, Wo, G * P], contiguous
+    if (gathered > 0) {
+      const int64_t width = bytes;
+      GatherMaskKernel<<<GridFor(p.samples() * width, 1), kBlockThreads, 0, stream>>>(
+          p, static_cast<const unsigned char*>(mask), static_cast<unsigned char*>(workspace),
+          width);
+      if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+      mask_values = workspace;
+    }
+    if (cudaError_t e = LaunchMaxAbs(stream, type, mask_values, p.samples(), buffers.max_bits,
                                      1);
         e != cudaSuccess) {
       return e;

@@ -23,14 +23,12 @@ cudaError_t LaunchDcnv3(cudaStream_t stream, ElementType type, const Dcnv3Params
 size_t Dcnv3BackwardWorkspace(ElementType type, const Dcnv3Params& p, bool deterministic);
 
 // grad-inputs, grad-offsets and grad-mask (DCNv4: grad_offset_mask and grad_offset_mask + 2P,
-// its padding channels set to 0) from grad_out. `mask_elements` is the size of the buffer that
-// holds the mask (its maximum bounds the fixed-point sums). `workspace` holds
-// Dcnv3BackwardWorkspace(...) bytes, 16-byte aligned.
+// its padding channels set to 0) from grad_out. `workspace` holds Dcnv3BackwardWorkspace(...)
+// bytes, 16-byte aligned.
 cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcnv3Params& p,
                                 bool deterministic, const void* grad_out, const void* input,
-                                const void* offset, const void* mask, const void* mask_buffer,
-                                int64_t mask_elements, void* grad_input, void* grad_offset,
-                                void* grad_mask, void* workspace);
+                                const void* offset, const void* mask, void* grad_input,
+                                void* grad_offset, void* grad_mask, void* workspace);
 
 }  // namespace flaxdcn
 

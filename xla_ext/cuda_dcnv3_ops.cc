@@ -94,9 +94,7 @@ ffi::Error Dcnv3BwdCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
   if (!workspace) return workspace.error();
   return Status(LaunchDcnv3Backward(stream, type, *params, deterministic, grad_out.untyped_data(),
                                     input.untyped_data(), offset.untyped_data(),
-                                    mask.untyped_data(), mask.untyped_data(),
-                                    static_cast<int64_t>(mask.element_count()),
-                                    grad_input->untyped_data(), grad_offset->untyped_data(),
+                                    mask.untyped_data(), grad_input->untyped_data(), grad_offset->untyped_data(),
                                     grad_mask->untyped_data(), *workspace),
                 kOp);
 }
@@ -144,9 +142,7 @@ ffi::Error Dcnv4BwdCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch,
   return Status(
       LaunchDcnv3Backward(stream, type, *params, deterministic, grad_out.untyped_data(),
                           input.untyped_data(), offset_mask.untyped_data(),
-                          Advance(offset_mask, shift), offset_mask.untyped_data(),
-                          static_cast<int64_t>(offset_mask.element_count()),
-                          grad_input->untyped_data(), grad_offset_mask->untyped_data(),
+                          Advance(offset_mask, shift), grad_input->untyped_data(), grad_offset_mask->untyped_data(),
                           Advance(grad_offset_mask, shift), *workspace),
       kOp);
 }
