@@ -181,6 +181,38 @@ def test_dtypes(module, features_dtype, dtype, param_dtype, result):
   assert_close(out, factor * plain, result)
 
 
+@pytest.mark.parametrize("module", MODULES)
+def test_per_image_rois(module, implementation):
+  """Per-image boxes ``[N, Ri, 4]`` give the outputs and gradients of the same boxes as
+  ``[R, 5]`` rows; padding boxes pool zeros and add nothing to any gradient."""
+  features, _ = make_inputs(seed=5)
+  rng = np.random.default_rng(5)
+  corner = rng.uniform(-2, 10, (2, 4, 2))
+  boxes = np.concatenate([corner, corner + rng.uniform(3, 12, (2, 4, 2))], axis=-1)
+  boxes[0, 3] = 0.0
+  boxes[1, 0] = [6.0, 2.0, 1.0, 9.0]
+  valid = (boxes[..., 0] < boxes[..., 2]) & (boxes[..., 1] < boxes[..., 3])
+  index = np.broadcast_to(np.arange(2.0)[:, None, None], (2, 4, 1))
+  rows = jnp.asarray(np.concatenate([index, boxes], axis=-1)[valid], jnp.float32)
+  boxes = jnp.asarray(boxes, jnp.float32)
+  layer = module(**POOL, deform_fc_channels=8, implementation=implementation)
+  variables = layer.init(jax.random.key(5), features, boxes)
+  # Non-zero last layers: offsets and mask depend on the parameters.
+  variables = jax.tree_util.tree_map(
+      lambda a: a + 0.1 * jax.random.normal(jax.random.key(6), a.shape), variables)
+  out = jax.jit(layer.apply)(variables, features, boxes)
+  assert out.shape == (2, 4, 2, 3, 3)
+  assert_close(out[valid], jax.jit(layer.apply)(variables, features, rows), jnp.float32)
+  assert not np.any(np.asarray(out)[~valid])
+
+  def loss(v, f, r):
+    return jnp.sum(jnp.sin(layer.apply(v, f, r)))
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  for got, want in zip(jax.tree_util.tree_leaves(grad(variables, features, boxes)),
+                       jax.tree_util.tree_leaves(grad(variables, features, rows))):
+    assert_close(got, want, jnp.float32)
+
+
 def test_bad_features_rank():
   features, rois = make_inputs()
   with pytest.raises(ValueError, match=r"DeformRoIPool: features has shape \(9, 11, 3\)"):
