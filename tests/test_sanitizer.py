@@ -2,9 +2,9 @@
 
 A small C++ driver calls the kernel functions of xla_ext/cpu_kernels.cc directly, on exactly sized
 heap buffers, with huge, infinite and NaN offsets, RoIs outside the image (and of every degenerate
-kind) and invalid batch indices, for every element type. Any out-of-bounds access, float-to-int
-overflow or other undefined behaviour aborts the run; the driver also checks that every output is
-finite.
+kind) and invalid batch indices, in both RoI forms ([R, 5] and per image), for every element type.
+Any out-of-bounds access, float-to-int overflow or other undefined behaviour aborts the run; the
+driver also checks that every output is finite.
 """
 
 import os
@@ -101,8 +101,9 @@ bool Conv(int64_t shift) {
          AllFinite(grad_offset, "grad_offset") && AllFinite(grad_mask, "grad_mask");
 }
 
+// per_image: the same boxes as rois [N, R / N, 4] (the index column dropped, image r / (R / N)).
 template <typename T>
-bool Roi(int64_t sampling_ratio) {
+bool Roi(int64_t sampling_ratio, bool per_image) {
   using A = fd::AccType<T>;
   fd::RoiPoolParams p{};
   p.batch = 2; p.height = 5; p.width = 6; p.channels = 3; p.out_height = 3; p.out_width = 2;
@@ -114,8 +115,12 @@ bool Roi(int64_t sampling_ratio) {
       {0, -1e8, -1e8, 1e8, 1e8}, {1, -1e30, -1e30, 1e30, 1e30}, {0.9, -3, -3, -1, -1},
       {1, 11, 9, 13, 11}};
   p.rois = sizeof(rois_data) / sizeof(rois_data[0]);
-  Buffer<A> rois(p.rois * 5);
-  for (int64_t i = 0; i < rois.size; ++i) rois.get()[i] = static_cast<A>(rois_data[i / 5][i % 5]);
+  p.rois_per_image = per_image ? p.rois / p.batch : 0;
+  const int64_t width = per_image ? 4 : 5;
+  Buffer<A> rois(p.rois * width);
+  for (int64_t i = 0; i < rois.size; ++i) {
+    rois.get()[i] = static_cast<A>(rois_data[i / width][i % width + 5 - width]);
+  }
   Buffer<T> features(p.batch * p.height * p.width * p.channels);
   Buffer<T> offset(p.bins() * 2), pooled(p.bins() * p.channels);
   for (int64_t i = 0; i < features.size; ++i) features.get()[i] = Make<T>(std::sin(0.9 * i));
@@ -143,7 +148,7 @@ bool All() {
   for (int64_t shift = 0; shift < kSpecials; ++shift) {
     if (!Conv<T>(shift)) return false;
   }
-  return Roi<T>(0) && Roi<T>(2);
+  return Roi<T>(0, false) && Roi<T>(2, false) && Roi<T>(0, true) && Roi<T>(2, true);
 }
 
 int main() {
