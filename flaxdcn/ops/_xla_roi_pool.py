@@ -28,6 +28,10 @@ pixels, at most the image. Under ``jax.vmap`` of this implementation the switch 
 index and evaluates every rung (``implementation=None`` folds the vmapped axis into the RoIs
 first and keeps the ladder).
 
+Per-image RoIs ``[N, Ri, 4]`` run the same machinery mapped over the images (``jax.vmap``), so
+every gather and scatter of the features is batched over the image axis and a batch-sharded
+program stays partitioned by batch; the images share each chunk's rung of the ladder.
+
 Both regimes run under one ``custom_vjp`` whose residuals are its inputs: the backward pass walks
 the same chunks, recomputes the weights and scatter-adds the feature gradient into one
 accumulator, so memory stays bounded by the chunking (``_BUDGET`` elements per intermediate), not
