@@ -1,4 +1,4 @@
-"""PyTorch checkpoints in, flaxdcn parameters out (torchvision and mmcv layouts).
+"""PyTorch checkpoints in, flaxdcn parameters out (torchvision, mmcv and InternImage layouts).
 
 Each function takes a mapping of names to arrays (a PyTorch ``state_dict()`` of tensors, or of
 numpy arrays: torch is never imported) and returns the linen ``params`` tree of the matching
@@ -9,8 +9,8 @@ dot); keys outside it are ignored.
 The layouts are PyTorch's with the channel axis moved last: convolution weights go from OIHW to
 HWIO, ``Linear`` weights are transposed, and the deformable RoI pooling heads get two
 reorderings because mmcv flattens a pooled RoI as ``(C, oh, ow)`` and orders its offsets
-``(dx, dy)``. For the NNX modules, convert to the linen tree and move it with
-:mod:`flaxdcn.nnx`'s transfer function.
+``(dx, dy)``. For the NNX modules, load the converted tree with
+:func:`flaxdcn.nnx.load_linen_params` (``load_linen_params(module, conv_params_from_torch(sd))``).
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import flaxdcn
+import flaxdcn.nnx
 from flaxdcn.convert import conv_params_from_torch, roi_pool_params_from_torch
 from tolerances import assert_close
 
@@ -180,6 +182,26 @@ def test_roi_pool_round_trip(module):
   back = roi_pool_params_from_torch(state, output_size=output_size, channels=channels)
   assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
+
+
+@pytest.mark.parametrize("module", ["DeformConv", "ModulatedDeformConv"])
+def test_conv_checkpoint_into_nnx(module):
+  """A converted mmcv-layout state dict loads into the NNX twin through
+  ``flaxdcn.nnx.load_linen_params`` and gives the linen module's output with the same tree."""
+  width = 27 if module == "ModulatedDeformConv" else 18
+  rng = np.random.default_rng(4)
+  state = {"weight": rng.normal(size=(5, 3, 3, 3)), "bias": rng.normal(size=5),
+           "conv_offset.weight": 0.2 * rng.normal(size=(width, 3, 3, 3)),
+           "conv_offset.bias": rng.normal(size=width)}
+  params = conv_params_from_torch(state)
+  layer = getattr(flaxdcn.nnx, module)(3, 5, (3, 3), strides=2, padding=1, rngs=nnx.Rngs(0))
+  flaxdcn.nnx.load_linen_params(layer, params)
+  x = jnp.asarray(rng.normal(size=(2, 9, 8, 3)), jnp.float32)
+  want = jax.jit(getattr(flaxdcn, module)(5, (3, 3), strides=2, padding=1).apply)(
+      {"params": params}, x)
+  np.testing.assert_array_equal(nnx.jit(lambda m, x: m(x))(layer, x), want)
+  np.testing.assert_array_equal(layer.conv_offset.kernel[...],
+                                np.float32(state["conv_offset.weight"].transpose(2, 3, 1, 0)))
 
 
 class _FakeTensor:
@@ -446,3 +468,46 @@ def test_torch_tensors_of_any_dtype_and_grad():
   params = conv_params_from_torch({"weight": weight, "bias": torch.randn(4).bfloat16()})
   np.testing.assert_array_equal(params["kernel"], weight.detach().numpy().transpose(2, 3, 1, 0))
   assert params["bias"].dtype == jnp.bfloat16
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("modulated", [False, True], ids=["DeformConv", "ModulatedDeformConv"])
+def test_torch_checkpoint_into_nnx(modulated):
+  """A torch model's state dict, converted and loaded into the NNX twins with
+  ``flaxdcn.nnx.load_linen_params``, gives the torch model's outputs (conv and RoI Pack)."""
+  torch, torchvision = _torch()
+  torch.manual_seed(2)
+  geometry = dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=1,
+                  deform_groups=2, bias=True)
+  pack = _mmcv_conv_pack(torch, torchvision, 4, 6, modulated=modulated, **geometry)
+  with torch.no_grad():
+    pack.conv_offset.weight.normal_(0.0, 0.3)
+    pack.conv_offset.bias.normal_(0.0, 1.0)
+  x = torch.randn(2, 4, 9, 10, dtype=torch.float64)
+
+  channels, output_size, fc = 3, (2, 3), 8
+  pool_kwargs = dict(spatial_scale=0.5, sampling_ratio=0, gamma=0.1)
+  roi_pack = _mmcv_roi_pack(torch, torchvision, channels, output_size=output_size,
+                            deform_fc_channels=fc, modulated=modulated, **pool_kwargs)
+  with torch.no_grad():
+    for p in roi_pack.parameters():
+      p.normal_(0.0, 0.5)
+  features = torch.randn(2, channels, 10, 12, dtype=torch.float64)
+  rois = torch.tensor([[0, 1.3, 2.1, 15.7, 17.2], [1, -3.1, 5.3, 8.2, 23.7]], dtype=torch.float64)
+
+  with jax.enable_x64(True):
+    conv = (flaxdcn.nnx.ModulatedDeformConv if modulated else flaxdcn.nnx.DeformConv)(
+        4, 6, (3, 3), strides=2, padding=1, offset_group_count=2, param_dtype=jnp.float64,
+        rngs=nnx.Rngs(0))
+    pool = (flaxdcn.nnx.ModulatedDeformRoIPool if modulated else flaxdcn.nnx.DeformRoIPool)(
+        channels, output_size, deform_fc_channels=fc, param_dtype=jnp.float64,
+        rngs=nnx.Rngs(0), **pool_kwargs)
+    flaxdcn.nnx.load_linen_params(
+        conv, conv_params_from_torch(pack.state_dict(), offset_group_count=2))
+    flaxdcn.nnx.load_linen_params(pool, roi_pool_params_from_torch(
+        roi_pack.state_dict(), output_size=output_size, channels=channels))
+    out = conv(jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+    pooled = pool(jnp.asarray(features.numpy().transpose(0, 2, 3, 1)), jnp.asarray(rois.numpy()))
+  assert_close(out, pack(x).detach().numpy().transpose(0, 2, 3, 1), jnp.float64)
+  assert_close(pooled, roi_pack(features, rois).detach().numpy().transpose(0, 2, 3, 1),
+               jnp.float64)
