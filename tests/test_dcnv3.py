@@ -257,6 +257,24 @@ def test_grads_match_between_layouts(implementation):
   assert_close(gom, packed, jnp.float32)
 
 
+def test_backward_reproducible(implementation):
+  """Two runs of the backward agree bitwise, with and without deterministic_backward (the CPU
+  backward always sums in a fixed order)."""
+  case = CASES[4].values[0]
+  args = _jnp(ref.make_args(case, seed=18), jnp.float32)
+  cot = jnp.asarray(np.random.default_rng(19).standard_normal((case.n, *case.out_size, case.c)),
+                    jnp.float32)
+  results = []
+  for deterministic in (False, True, True):
+    fn = functools.partial(flaxdcn.dcnv3, **case.kwargs(), implementation=implementation,
+                           deterministic_backward=deterministic)
+    grad = jax.jit(jax.grad(lambda a: jnp.sum(fn(a["inputs"], a["offsets"], a["mask"]) * cot)))
+    results.append(grad(args))
+  for other in results[1:]:
+    for name in ("inputs", "offsets", "mask"):
+      np.testing.assert_array_equal(np.asarray(other[name]), np.asarray(results[0][name]), name)
+
+
 # --- Dtypes, batch sizes, transforms -------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])

@@ -3,6 +3,8 @@ and the transfer of weights to and from linen ``params`` trees."""
 
 from flaxdcn.nnx.conv import DeformConv as DeformConv
 from flaxdcn.nnx.conv import ModulatedDeformConv as ModulatedDeformConv
+from flaxdcn.nnx.dcnv3 import DCNv3 as DCNv3
+from flaxdcn.nnx.dcnv3 import DCNv4 as DCNv4
 from flaxdcn.nnx.deformable_kernel import GlobalDeformableKernel as GlobalDeformableKernel
 from flaxdcn.nnx.deformable_kernel import LocalDeformableKernel as LocalDeformableKernel
 from flaxdcn.nnx.roi_pool import DeformRoIPool as DeformRoIPool
