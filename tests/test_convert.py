@@ -115,7 +115,8 @@ def test_roi_pool_reorderings_by_index():
     assert p["mask_fc_2"]["kernel"][f, i * ow + j] == state["roi.mask_fc.2.weight"][i * ow + j, f]
   np.testing.assert_array_equal(p["offset_fc_2"]["kernel"], state["roi.offset_fc.2.weight"].T)
   for name in ("offset_fc_0", "offset_fc_2", "mask_fc_0", "mask_fc_2"):
-    np.testing.assert_array_equal(p[name]["bias"], state[f"roi.{name.replace('_fc_', '_fc.')}.bias"])
+    mmcv_name = name.replace("_fc_", "_fc.")
+    np.testing.assert_array_equal(p[name]["bias"], state[f"roi.{mmcv_name}.bias"])
 
 
 # --- Round trip through a synthetic state dict ---------------------------------------------------
@@ -282,7 +283,8 @@ def _roi_state(**changes):
      r"'offset_fc.2.weight'\] has shape \(5, 4\), expected \(5, 5\) = \[fc, fc\] for fc = 5"),
     (_roi_state(**{"offset_fc.4.bias": np.zeros(6)}), {},
      r"'offset_fc.4.bias'\] has shape \(6,\), expected \(12,\)"),
-    (_roi_state(**{"mask_fc.2.bias": None}), {}, r"no key 'mask_fc.2.bias' \(expected shape \(6,\)"),
+    (_roi_state(**{"mask_fc.2.bias": None}), {},
+     r"no key 'mask_fc.2.bias' \(expected shape \(6,\)"),
     (_roi_state(**{"offset_fc.4.weight": None}), {}, r"no key 'offset_fc.4.weight' \(expected "
                                                      r"shape \(12, 5\)"),
     (_roi_state(), {"channels": 0}, r"channels must be an int >= 1"),

@@ -256,13 +256,13 @@ def test_deform_conv2d_matches_torchvision(config, dtype, implementation):
     assert np.abs(theirs["out"]).max() > 0.1
 
 
-# --- deform_roi_pool (no offsets) against roi_align ------------------------------------------------
+# --- deform_roi_pool (no offsets) against roi_align --------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class RoIConfig:
   """Features, RoI count and pooling geometry; ``boxes`` is ``"random"`` (inside and across the
-  border, every fourth tiny, every fifth of negative size) or ``"boundary"`` (every sample on an integer
-  coordinate, many exactly on -1, 0, H - 1 or H)."""
+  border, every fourth tiny, every fifth of negative size) or ``"boundary"`` (every sample on an
+  integer coordinate, many exactly on -1, 0, H - 1 or H)."""
   name: str
   n: int
   c: int
