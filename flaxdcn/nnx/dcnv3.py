@@ -53,7 +53,6 @@ class DCNv3(nnx.Module):
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
-from flax.nnx.nn import dtypes
     >>> import flaxdcn.nnx
     >>> layer = flaxdcn.nnx.DCNv3(16, group_count=4, rngs=nnx.Rngs(0))
     >>> sorted(flaxdcn.nnx.linen_params(layer))
@@ -137,7 +136,6 @@ class DCNv4(nnx.Module):
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
-from flax.nnx.nn import dtypes
     >>> import flaxdcn.nnx
     >>> layer = flaxdcn.nnx.DCNv4(16, group_count=4, dw_kernel_size=3, rngs=nnx.Rngs(0))
     >>> jax.tree.map(jnp.shape, flaxdcn.nnx.linen_params(layer)["offset_mask"])
