@@ -525,6 +525,73 @@ def test_roi_pool_vmap():
       assert_close(got[b], want, jnp.float32)
 
 
+def per_image_setup(dtype, sampling_ratio, seed=12):
+  """``ROIS`` as per-image boxes ``[2, Ri, 4]`` plus two padding boxes, and the same problem as
+  ``[R, 5]`` rows (padding rows get batch index -1)."""
+  geometry, features, _, _, acc = roi_setup(dtype, sampling_ratio)
+  valid = ROIS[(ROIS[:, 0] == 0) | (ROIS[:, 0] == 1)]
+  per_image = [valid[valid[:, 0] == b, 1:] for b in (0, 1)]
+  ri = max(len(b) for b in per_image) + 1
+  boxes = np.zeros((2, ri, 4))  # all-zero padding boxes where an image has fewer
+  for b, rows in enumerate(per_image):
+    boxes[b, :len(rows)] = rows
+  boxes[1, 0] = [6.0, 2.0, 1.0, 9.0]  # x2 < x1: padding
+  pad = ~((boxes[..., 0] < boxes[..., 2]) & (boxes[..., 1] < boxes[..., 3]))
+  index = np.where(pad, -1.0, np.arange(2.0)[:, None])
+  rows = np.concatenate([index[..., None], boxes], axis=-1).reshape(-1, 5)
+  rng = np.random.default_rng(seed)
+  offsets = 2 * rng.normal(size=(2, ri, 3, 2, 2))
+  cotangent = rng.normal(size=(2, ri, 3, 2, 5))
+  return geometry, features, boxes, rows, offsets, cotangent, acc, pad
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roi_pool_per_image_matches_rows(dtype, sampling_ratio):
+  """Per-image boxes through the per-image target equal the same boxes as ``[R, 5]`` rows through
+  the row target, forward and VJP; padding boxes pool zeros with zero offset gradients."""
+  with _x64(dtype):
+    geometry, features, boxes, rows, offsets, cotangent, acc, pad = per_image_setup(
+        dtype, sampling_ratio)
+    f, o, g = (jnp.asarray(a, dtype) for a in (features, offsets, cotangent))
+    run = jax.jit(functools.partial(roi_vjp, "ffi", geometry=geometry))
+    out, grads = run(f, jnp.asarray(boxes, acc), o, cotangent=g)
+    flat = lambda a: a.reshape((-1,) + a.shape[2:])
+    out_rows, grads_rows = run(f, jnp.asarray(rows, acc), flat(o), cotangent=flat(g))
+    assert out.shape == g.shape and out.dtype == dtype
+    np.testing.assert_array_equal(flat(out), out_rows)
+    np.testing.assert_array_equal(grads[0], grads_rows[0])
+    np.testing.assert_array_equal(flat(grads[1]), grads_rows[1])
+    assert not np.any(np.asarray(out)[pad]) and not np.any(np.asarray(grads[1])[pad])
+
+
+def test_roi_pool_per_image_custom_call_is_batch_partitionable():
+  """The per-image form lowers to its own target with the batch-partitioning attributes; the
+  ``[R, 5]`` form keeps the plain target without them."""
+  geometry, features, boxes, rows, offsets, _, _, _ = per_image_setup(jnp.float32, 0)
+
+  def lowered(rois, offsets):
+    fn = jax.jit(lambda f, r, o: _ffi.deform_roi_pool(f, r, o, geometry,
+                                                      deterministic_backward=False, fallback=None))
+    return fn.lower(*(jnp.asarray(a, jnp.float32) for a in (features, rois, offsets))).as_text()
+  per_image = lowered(boxes, offsets)
+  assert "custom_call @flaxdcn_deform_roi_pool_images(" in per_image
+  assert 'num_batch_dims = "1"' in per_image and "sdy.sharding_rule" in per_image
+  flat = lowered(rows, offsets.reshape((-1,) + offsets.shape[2:]))
+  assert "custom_call @flaxdcn_deform_roi_pool(" in flat and "num_batch_dims" not in flat
+
+
+def test_roi_pool_per_image_handler_checks_shapes():
+  """The handler takes ``Ri`` from the offsets and names the rois that disagree."""
+  geometry = RoIPoolGeometry((4, 4), (2, 2), 1.0, 0, 0.1)
+  features = jnp.ones((2, 4, 4, 3))
+  with pytest.raises(Exception, match=r"flaxdcn_deform_roi_pool: rois has shape \[2, 4, 4\], "
+                                      r"expected \[2, 3, 4\]"):
+    jax.block_until_ready(_ffi._roi_pool_images_p.bind(
+        features, jnp.zeros((2, 4, 4)), jnp.zeros((2, 3, 2, 2, 2)), geometry=geometry,
+        fallback=None))
+
+
 # --- CUDA ----------------------------------------------------------------------------------------
 
 def _gpu_available():
@@ -589,6 +656,29 @@ def test_cuda_roi_pool_matches_xla(dtype, deterministic):
     assert_close(out, out_xla, dtype)
     for a, b in zip(grads, grads_xla):
       assert_close(a, b, dtype)
+
+
+@cuda
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_cuda_roi_pool_per_image_matches_cpu(sampling_ratio, deterministic):
+  """Per-image boxes (padding included) on the GPU equal the CPU kernels, forward and VJP."""
+  geometry, features, boxes, _, offsets, cotangent, _, _ = per_image_setup(jnp.float32,
+                                                                           sampling_ratio)
+
+  def run(device):
+    put = lambda a: jax.device_put(jnp.asarray(a, jnp.float32), device)
+    f, r, o, g = (put(a) for a in (features, boxes, offsets, cotangent))
+    pool = lambda f, o: _ffi.deform_roi_pool(f, r, o, geometry,
+                                             deterministic_backward=deterministic, fallback=None)
+    out, vjp = jax.vjp(pool, f, o)
+    return out, vjp(g)
+  gpu_out, gpu_grads = jax.jit(lambda: run(jax.devices("gpu")[0]))()
+  cpu_out, cpu_grads = jax.jit(lambda: run(jax.devices("cpu")[0]))()
+  assert_close(gpu_out, cpu_out, jnp.float32)
+  for a, b in zip(gpu_grads, cpu_grads):
+    assert_close(a, b, jnp.float32)
 
 
 @cuda
