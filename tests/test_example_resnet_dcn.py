@@ -291,8 +291,14 @@ def test_smoke_train_resume_and_artefacts(tmp_path, capsys):
     assert (tmp_path / "run" / name / "checkpoint.msgpack").is_file()
   assert saved["dcn"]["num_params"] > saved["baseline"]["num_params"]
   assert results["dcn"]["test_accuracy"] == saved["dcn"]["test_accuracy"]
-  for png in ("curves.png", "offsets.png"):
+  for png in ("curves.png", "offsets.png", "erf.png"):
     assert (tmp_path / "run" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  for name in ("baseline", "dcn"):
+    erf = saved[name]["erf"]
+    assert erf["scales"] == list(figures.ERF_SCALES) and len(erf["radius_px"]) == 3
+    assert all(r > 0 for r in erf["radius_px"])
+    assert erf["radius_slope_px_per_scale"] == pytest.approx(
+        figures.erf_slope(erf["scales"], erf["radius_px"]))
 
   # --resume picks up after epoch 1 and trains only epoch 2 (2 more steps).
   train.main(SMOKE[2:] + ["--epochs", "2", "--model", "dcn", "--resume", "--workdir", workdir])
@@ -308,6 +314,38 @@ def test_smoke_train_resume_and_artefacts(tmp_path, capsys):
   with pytest.raises(ValueError, match="written with"):
     train.main(SMOKE[2:] + ["--epochs", "2", "--model", "dcn", "--seed", "1", "--resume",
                             "--workdir", workdir])
+
+
+def test_erf_radius_and_slope():
+  """The radius is the RMS distance of the map's mass from its centroid."""
+  erf = np.zeros((9, 9))
+  erf[4, 4] = 1.0
+  assert figures.erf_radius(erf) == 0.0
+  erf[4, 4], erf[4, 0], erf[4, 8], erf[0, 4], erf[8, 4] = 0.0, 1.0, 1.0, 1.0, 1.0
+  assert figures.erf_radius(erf) == pytest.approx(4.0)
+  assert figures.erf_slope([0.5, 1.0, 1.5], [2.0, 3.0, 4.0]) == pytest.approx(2.0)
+
+
+def test_erf_of_a_plain_conv_is_its_kernel():
+  """A single 3 x 3 conv of ones: the gradient is 1 on the unit's 3 x 3 window, 0 elsewhere."""
+  import flax.linen as nn
+
+  class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=True):
+      x = nn.Conv(1, (3, 3), padding="SAME", use_bias=False, kernel_init=nn.initializers.ones,
+                  name="ResNetBlock_0")(x)
+      return x.mean(axis=(1, 2))
+
+  model = Tiny()
+  variables = model.init(jax.random.key(0), jnp.zeros((1, CANVAS, CANVAS, 1)))
+  digits = input_pipeline.load_mnist_5k()[0][:2]
+  unit = (3, 3)   # the conv has stride 1 here: canvas pixel (3, 3)
+  maps, radius = figures.effective_receptive_field(model, variables, digits, (1.0,), unit)
+  expected = np.zeros((CANVAS, CANVAS))
+  expected[2:5, 2:5] = 1 / 9
+  np.testing.assert_allclose(maps[0], expected, atol=1e-6)
+  assert radius[0] == pytest.approx(np.sqrt(2 * 2 / 3))
 
 
 def test_smoke_deformable_kernels(tmp_path, capsys):

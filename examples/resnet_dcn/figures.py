@@ -5,6 +5,12 @@ activation unit of the top layer, the 3 x 3 sampling points of the last deformab
 are each expanded through the previous deformable convolution's own (learned) offsets into its
 3 x 3 sampling points: 81 locations in the image that feed the unit through the two stacked
 deformable layers. The plain ResNet's locations form the same fixed, regular grid everywhere.
+
+``erf.png`` shows the effective receptive field (ERF) that the Deformable Kernels paper (Gao et
+al., 2019) and the DCNv2 paper analyse: the gradient of a top-layer unit with respect to the input
+pixels, ``|d unit / d image|``, averaged over test digits drawn at several scales, for every model
+of the run. Its spread is summarised by the ERF radius, the square root of the second moment of
+``|grad|`` about its centroid, and by the slope of that radius against the digit scale.
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ STAGE_INPUT_STRIDE = 4
 OFFSET_PANELS = ((0, 1.0, 0.0), (0, 0.55, 0.0), (0, 1.5, 0.0), (3, 1.0, 40.0))
 
 COLORS = {"baseline": "tab:blue", "dcn": "tab:red"}
+
+#: Digit scales of ``erf.png`` (the shifted test set's extremes are 0.5 and 1.6).
+ERF_SCALES = (0.55, 1.0, 1.5)
+#: The top-layer unit whose ERF is drawn: (y, x) in the last stage's 6 x 6 output, canvas pixel
+#: (8y, 8x). The digits are drawn centred on it.
+ERF_UNIT = (3, 3)
 
 
 def plot_curves(histories: Mapping[str, Sequence[Mapping[str, float]]],
@@ -261,6 +273,110 @@ def plot_offsets(model: nn.Module, variables: Mapping[str, Any], digits: np.ndar
   ax.grid(alpha=0.3)
   fig.suptitle("green: top-layer unit; orange: its 9 samples in the last layer; "
                "red: their 81 samples in the layer below", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def effective_receptive_field(model: nn.Module, variables: Mapping[str, Any], digits: np.ndarray,
+                              scales: Sequence[float] = ERF_SCALES, unit: tuple[int, int] = ERF_UNIT
+                              ) -> tuple[np.ndarray, np.ndarray]:
+  """The mean ERF of a top-layer unit over ``digits`` at each scale, and its radius.
+
+  Each digit is drawn upright at each scale, centred on the unit's canvas pixel. The unit is the
+  sum over channels of the last ResNet block's output at ``unit`` (read with
+  ``capture_intermediates``, in evaluation mode); its ERF is ``|d unit / d image|``, normalised to
+  sum to 1 per image, then averaged over the digits.
+
+  Args:
+    model, variables: a model of the example and its ``params`` and ``batch_stats``.
+    digits: ``[N, 28, 28]``.
+    scales: the digit scales.
+    unit: ``(y, x)`` in the top layer.
+
+  Returns:
+    ``maps [len(scales), H, W]`` (each sums to 1) and ``radius [len(scales)]`` in pixels: the
+    square root of the second moment of each map about its centroid.
+  """
+  n = len(digits)
+  scale = np.repeat(np.asarray(scales, np.float32), n)
+  centre = (input_pipeline.CANVAS_SIZE - 1) / 2
+  shift = np.tile(np.asarray(unit, np.float32) * 2 * STAGE_INPUT_STRIDE - centre, (len(scale), 1))
+  images = input_pipeline.warp(jnp.tile(jnp.asarray(digits), (len(scales), 1, 1)),
+                               jnp.asarray(scale), jnp.zeros(len(scale)), jnp.asarray(shift))
+
+  def unit_activation(image):
+    _, state = model.apply(variables, image[None], train=False, capture_intermediates=True,
+                           mutable=["intermediates"])
+    blocks = [k for k in state["intermediates"] if k.startswith("ResNetBlock_")]
+    top = state["intermediates"][max(blocks, key=lambda k: int(k.rsplit("_", 1)[-1]))]
+    return jnp.sum(top["__call__"][0][0, unit[0], unit[1]])
+
+  grads = jnp.abs(jax.jit(jax.vmap(jax.grad(unit_activation)))(images)[..., 0])
+  grads = grads / jnp.maximum(jnp.sum(grads, axis=(1, 2), keepdims=True), 1e-30)
+  maps = np.asarray(grads).reshape(len(scales), n, *grads.shape[1:]).mean(axis=1)
+  return maps, np.asarray([erf_radius(m) for m in maps])
+
+
+def erf_radius(erf: np.ndarray) -> float:
+  """Square root of the second moment of a non-negative map ``[H, W]`` about its centroid."""
+  weight = erf / erf.sum()
+  rows, cols = np.meshgrid(np.arange(erf.shape[0]), np.arange(erf.shape[1]), indexing="ij")
+  cy, cx = np.sum(weight * rows), np.sum(weight * cols)
+  return float(np.sqrt(np.sum(weight * ((rows - cy) ** 2 + (cols - cx) ** 2))))
+
+
+def erf_slope(scales: Sequence[float], radius: Sequence[float]) -> float:
+  """Least-squares slope of the ERF radius (pixels) against the digit scale."""
+  return float(np.polyfit(np.asarray(scales, np.float64), np.asarray(radius, np.float64), 1)[0])
+
+
+def plot_erf(erfs: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
+             scales: Sequence[float] = ERF_SCALES, digits: np.ndarray | None = None):
+  """Draws the mean ERF maps per model (rows) and scale (columns), and radius against scale.
+
+  Args:
+    erfs: ``{label: (maps, radius)}`` from :func:`effective_receptive_field`.
+    path: the PNG to write.
+    scales: the scales of the maps.
+    digits: optionally one digit ``[1, 28, 28]`` whose outline is drawn over each map.
+  """
+  names = list(erfs)
+  fig = plt.figure(figsize=(2.2 * len(scales) + 3.4, 2.2 * len(names) + 0.6), dpi=80)
+  grid = fig.add_gridspec(len(names), len(scales) + 1, width_ratios=[1] * len(scales) + [1.6])
+  size = input_pipeline.CANVAS_SIZE
+  unit = np.asarray(ERF_UNIT) * 2 * STAGE_INPUT_STRIDE
+  outlines = None
+  if digits is not None:
+    outlines = np.asarray(input_pipeline.warp(
+        jnp.repeat(jnp.asarray(digits[:1]), len(scales), 0), jnp.asarray(scales, jnp.float32),
+        jnp.zeros(len(scales)), jnp.tile(jnp.asarray(unit - (size - 1) / 2, jnp.float32),
+                                         (len(scales), 1))))[..., 0]
+  for row, name in enumerate(names):
+    maps, radius = erfs[name]
+    for col, scale in enumerate(scales):
+      ax = fig.add_subplot(grid[row, col])
+      ax.imshow(maps[col] / maps[col].max(), cmap="magma", vmin=0, vmax=1)
+      if outlines is not None:
+        ax.contour(outlines[col], levels=[0.3], colors="cyan", linewidths=0.6)
+      ax.add_patch(plt.Circle((unit[1], unit[0]), radius[col], fill=False, ec="white", lw=0.8,
+                              ls="--"))
+      ax.set(xticks=[], yticks=[])
+      ax.set_title(f"scale {scale:g}: r = {radius[col]:.1f} px", fontsize=8)
+      if col == 0:
+        ax.set_ylabel(name, fontsize=9)
+  ax = fig.add_subplot(grid[:, -1])
+  for i, name in enumerate(names):
+    radius = erfs[name][1]
+    color = COLORS.get(name.split(" ")[0], f"C{i + 2}")
+    ax.plot(scales, radius, "o-", color=color,
+            label=f"{name}: {erf_slope(scales, radius):+.1f} px / scale")
+  ax.set(xlabel="digit scale", ylabel="ERF radius (px)", title="ERF radius against digit scale")
+  ax.title.set_fontsize(9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.suptitle("mean |d unit / d image| of a top-layer unit (the digit is centred on it); "
+               "dashed: the ERF radius", fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

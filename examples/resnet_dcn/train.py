@@ -4,14 +4,17 @@ Both models see the same digits, the same random deformations in the same order,
 initial weights (for every parameter they share) and the same optimiser; they differ only in the
 convolution class of the last stage. Each is evaluated after every epoch on an in-distribution
 test set and on a *shifted* one, whose scales and rotations training never saw (see
-``input_pipeline``). Outputs in ``--workdir``: ``results.json``, ``curves.png``, ``offsets.png``
-and one checkpoint per model (``--resume`` continues from it).
+``input_pipeline``). Outputs in ``--workdir``: ``results.json``, ``curves.png``, ``offsets.png``,
+``erf.png`` and one checkpoint per model (``--resume`` continues from it). With the process flags
+(see ``parallel``) several processes train one model together over all their devices.
 
 Usage::
 
   python examples/resnet_dcn/train.py                       # both models, 15 epochs, seed 0
   python examples/resnet_dcn/train.py --model dcn --dcn dcnv1 --seed 1 --workdir /tmp/dcnv1
   python examples/resnet_dcn/train.py --dcn dk-local         # Deformable Kernels in place of DCN
+  python examples/resnet_dcn/train.py --coordinator-address host0:1234 --num-processes 2 \
+      --process-id 0                                         # on host0; --process-id 1 on host1
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ import numpy as np
 import optax
 from flax import serialization
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import flaxdcn
@@ -42,6 +44,7 @@ import flaxdcn
 import figures
 import input_pipeline
 import models
+import parallel
 
 MODEL_NAMES = ("baseline", "dcn")
 
@@ -87,10 +90,14 @@ class Config:
   test_size: int | None = None
   eval_batch_size: int = 500
   resume: bool = False
+  coordinator_address: str | None = None
+  num_processes: int = 1
+  process_id: int = 0
 
   def training_config(self, model_name: str) -> dict[str, Any]:
     """The fields that define how ``model_name`` is trained (a checkpoint must agree on them)."""
-    skip = {"workdir", "model", "epochs", "resume", "implementation", "eval_batch_size"}
+    skip = {"workdir", "model", "epochs", "resume", "implementation", "eval_batch_size",
+            "coordinator_address", "num_processes", "process_id"}
     if model_name == "baseline":
       skip.add("dcn")
     return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
@@ -183,20 +190,21 @@ def load_data(config: Config) -> Data:
 
 
 class Trainer:
-  """Data-parallel training and evaluation of one model over all local devices.
+  """Data-parallel training and evaluation of one model over all devices of all processes.
 
-  Batches are split along a ``"batch"`` mesh axis; the train state is replicated. XLA inserts the
-  gradient (and BatchNorm statistics) reductions across devices.
+  Batches are split along a ``"batch"`` mesh axis (each process feeds its own slice; see
+  ``parallel``); the train state is replicated. XLA inserts the gradient (and BatchNorm
+  statistics) reductions across devices and processes.
   """
 
   def __init__(self, model: nn.Module, config: Config, steps_per_epoch: int):
     self.config = config
     self.model = model
     self.steps_per_epoch = steps_per_epoch
-    mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
+    mesh = parallel.batch_mesh()
     self.num_devices = mesh.size
-    self.batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
-    self.replicated = NamedSharding(mesh, PartitionSpec())
+    self.batch_sharding = parallel.batch_sharding(mesh)
+    self.replicated = parallel.replicated(mesh)
     self.learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
     self.train_step = jax.jit(
         train_step, donate_argnums=0,
@@ -218,8 +226,8 @@ class Trainer:
     losses, accuracies = [], []
     for step in range(self.steps_per_epoch):
       idx = perm[step * batch_size:(step + 1) * batch_size]
-      digits = jax.device_put(data.train_digits[idx], self.batch_sharding)
-      labels = jax.device_put(data.train_labels[idx], self.batch_sharding)
+      digits = parallel.global_batch(self.batch_sharding, data.train_digits[idx])
+      labels = parallel.global_batch(self.batch_sharding, data.train_labels[idx])
       state, metrics = self.train_step(state, digits, labels, data_key)
       losses.append(float(metrics["loss"]))  # Waits for the step: an honest progress bar.
       accuracies.append(float(metrics["accuracy"]))
@@ -239,8 +247,8 @@ class Trainer:
       weights = np.concatenate([np.ones(len(y), np.float32), np.zeros(pad, np.float32)])
       x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
       y = np.concatenate([y, np.zeros(pad, y.dtype)])
-      sums = self.eval_step(state, *(jax.device_put(a, self.batch_sharding) for a in (x, y,
-                                                                                      weights)))
+      sums = self.eval_step(state, *(parallel.global_batch(self.batch_sharding, a)
+                                     for a in (x, y, weights)))
       total = {k: total[k] + float(v) for k, v in sums.items()}
     return {"loss": total["loss"] / total["count"], "accuracy": total["correct"] / total["count"]}
 
@@ -250,10 +258,15 @@ def checkpoint_path(workdir: str | os.PathLike, name: str) -> pathlib.Path:
 
 
 def save_checkpoint(path: pathlib.Path, state: TrainState, epoch: int, meta: dict[str, Any]):
-  """Writes the state after ``epoch`` epochs, with JSON metadata, atomically (a temp + rename)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
+  """Writes the state after ``epoch`` epochs, with JSON metadata, atomically (a temp + rename).
+
+  Only process 0 writes (the state is replicated).
+  """
   payload = {"state": serialization.to_state_dict(jax.device_get(state)), "epoch": epoch,
              "meta": json.dumps(meta)}
+  if not parallel.is_chief():
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp")
   tmp.write_bytes(serialization.msgpack_serialize(payload))
   os.replace(tmp, path)
@@ -295,9 +308,9 @@ def train_and_evaluate(name: str, config: Config, data: Data
                      f"{config.batch_size}.")
   if config.steps is not None:
     steps_per_epoch = min(steps_per_epoch, config.steps)
-  if config.batch_size % jax.local_device_count():
+  if config.batch_size % jax.device_count():
     raise ValueError(f"--batch-size {config.batch_size} is not divisible by the "
-                     f"{jax.local_device_count()} local devices.")
+                     f"{jax.device_count()} devices.")
   meta = {"config": config.training_config(name), "steps_per_epoch": steps_per_epoch,
           "history": [], "wall_time_s": 0.0}
   path = checkpoint_path(config.workdir, name)
@@ -320,7 +333,8 @@ def train_and_evaluate(name: str, config: Config, data: Data
 
   start = time.perf_counter() - meta["wall_time_s"]
   progress = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
-                  desc=f"{name:>8}", unit="step", dynamic_ncols=True, file=sys.stdout)
+                  desc=f"{name:>8}", unit="step", dynamic_ncols=True, file=sys.stdout,
+                  disable=not parallel.is_chief())
   with progress:
     for epoch in range(start_epoch, config.epochs):
       state, record = trainer.train_epoch(state, data, epoch, data_key, progress)
@@ -349,11 +363,23 @@ def train_and_evaluate(name: str, config: Config, data: Data
       "steps_per_epoch": steps_per_epoch,
       "conv": conv_name(name, config),
       "implementation": config.implementation or "auto",
-      "devices": f"{jax.local_device_count()} x {jax.default_backend()}",
+      "devices": f"{jax.device_count()} x {jax.default_backend()}",
+      "processes": jax.process_count(),
       "config": meta["config"],
       "history": meta["history"],
   }
   return result, state, model
+
+
+#: Test digits the ERF is averaged over (at each scale).
+ERF_DIGITS = 64
+
+
+def restore_variables(name: str, config: Config) -> tuple[nn.Module, dict[str, Any]]:
+  """The model ``name`` and its variables from its checkpoint in ``config.workdir``."""
+  model = create_model(name, config)
+  state_dict, _, _ = read_checkpoint(checkpoint_path(config.workdir, name))
+  return model, {"params": state_dict["params"], "batch_stats": state_dict["batch_stats"]}
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -388,7 +414,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
                       help="initialisation, batch order and training deformations")
   parser.add_argument("--epochs", type=int, default=defaults.epochs)
   parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                      help="global batch, split over the local devices")
+                      help="global batch, split over all devices (of all processes)")
   parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
   parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
   parser.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs)
@@ -401,6 +427,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
   parser.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size)
   parser.add_argument("--resume", action="store_true",
                       help="continue from the checkpoints in --workdir")
+  parallel.add_process_flags(parser)
   args = parser.parse_args(argv)
   if args.implementation == "ffi" and args.model != "baseline" and args.dcn in PURE_JNP_CONVS:
     parser.error(f"--implementation ffi: --dcn {args.dcn} (Deformable Kernels) has no native "
@@ -411,14 +438,17 @@ def parse_args(argv: Sequence[str] | None) -> Config:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the command line ``argv`` (default ``sys.argv[1:]``); returns the results."""
   config = parse_args(argv)
+  parallel.initialize(config.coordinator_address, config.num_processes, config.process_id)
+  log = print if parallel.is_chief() else (lambda *args, **kwargs: None)
   workdir = pathlib.Path(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   names = MODEL_NAMES if config.model == "both" else (config.model,)
 
   data = load_data(config)
-  print(f"{len(data.train_labels)} training digits, {len(data.test_labels)} test digits per test "
-        f"set, {jax.local_device_count()} {jax.default_backend()} device(s), "
-        f"flaxdcn implementation: {config.implementation or 'auto'}")
+  processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+  log(f"{len(data.train_labels)} training digits, {len(data.test_labels)} test digits per test "
+      f"set, {jax.device_count()} {jax.default_backend()} device(s){processes}, "
+      f"flaxdcn implementation: {config.implementation or 'auto'}")
 
   results_path = workdir / "results.json"
   results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -429,19 +459,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   trained = {}
   for name in names:
     results[name], state, model = train_and_evaluate(name, config, data)
-    trained[name] = (state, model)
+    trained[name] = (model, jax.device_get({"params": state.params,
+                                            "batch_stats": state.batch_stats}))
+    if parallel.is_chief():
+      results_path.write_text(json.dumps(results, indent=2))
+
+  # The ERF of every model in the table: trained now, or restored from its checkpoint.
+  for name in results:
+    if name not in trained:
+      trained[name] = restore_variables(name, config)
+  erfs = {}
+  for name, (model, variables) in trained.items():
+    maps, radius = figures.effective_receptive_field(model, variables,
+                                                     data.test_digits[:ERF_DIGITS])
+    results[name]["erf"] = {"scales": list(figures.ERF_SCALES), "radius_px": radius.tolist(),
+                            "radius_slope_px_per_scale": figures.erf_slope(figures.ERF_SCALES,
+                                                                           radius)}
+    erfs[f"{name} ({results[name]['conv']})"] = (maps, radius)
+
+  if parallel.is_chief():
     results_path.write_text(json.dumps(results, indent=2))
+    figures.plot_curves({n: results[n]["history"] for n in MODEL_NAMES if n in results},
+                        workdir / "curves.png")
+    figures.plot_erf({k: erfs[k] for k in sorted(erfs)}, workdir / "erf.png",
+                     digits=data.test_digits)
+    if "dcn" in names and conv_name("dcn", config) in ("DeformConv", "ModulatedDeformConv"):
+      model, variables = trained["dcn"]
+      figures.plot_offsets(model, variables, data.test_digits, workdir / "offsets.png")
 
-  figures.plot_curves({n: results[n]["history"] for n in MODEL_NAMES if n in results},
-                      workdir / "curves.png")
-  if "dcn" in trained and conv_name("dcn", config) in ("DeformConv", "ModulatedDeformConv"):
-    state, model = trained["dcn"]
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    figures.plot_offsets(model, jax.device_get(variables), data.test_digits,
-                         workdir / "offsets.png")
-
-  print(format_table(results))
-  print(f"Results, figures and checkpoints in {workdir}")
+  log(format_table(results))
+  log(f"Results, figures and checkpoints in {workdir}")
   return results
 
 
