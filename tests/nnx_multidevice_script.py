@@ -10,7 +10,8 @@ sharded over a ``batch`` mesh axis,
   ``nnx.Optimizer.update``) compile with no ``all-gather`` (the parameter gradients are summed
   over the devices, an all-reduce);
 * the forward output stays batch-sharded and the updated parameters stay replicated;
-* the loss and the updated parameters equal those of the same step on one device.
+* the loss and the updated parameters equal those of the same step on one device;
+* ``flaxdcn.nnx.load_linen_params`` keeps the parameters replicated.
 """
 
 import os
@@ -99,6 +100,14 @@ def main(implementation: str) -> None:
     assert value.sharding.is_equivalent_to(replicated, value.ndim), (
         f"{implementation}: updated {path} has sharding {value.sharding}, expected replicated")
     assert_close(value, want, jnp.float32, err_msg=f"updated {path}")
+
+  # load_linen_params keeps each parameter's sharding (the loaded arrays live on one device).
+  other = Net(implementation, nnx.Rngs(2))
+  flaxdcn.nnx.load_linen_params(model, flaxdcn.nnx.linen_params(other))
+  for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = value.get_value()
+    assert value.sharding.is_equivalent_to(replicated, value.ndim), (
+        f"{implementation}: loaded {path} has sharding {value.sharding}, expected replicated")
 
 
 if __name__ == "__main__":

@@ -80,12 +80,13 @@ class _DeformRoIPoolBase(nnx.Module):
 
     Args:
       features: ``[N, H, W, in_features]``, channels last.
-      rois: the boxes in input-image coordinates, in any form :func:`flaxdcn.deform_roi_pool`
-        takes (``[R, 5]`` rows ``(batch_index, x1, y1, x2, y2)``).
+      rois: ``[R, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or per-image boxes ``[N, Ri, 4]``
+        ``(x1, y1, x2, y2)`` (batch partitionable; padding boxes pool zeros, see
+        :func:`flaxdcn.deform_roi_pool`), in input-image coordinates.
 
     Returns:
-      The pooled RoIs ``[..., oh, ow, in_features]`` (``[R, oh, ow, C]`` for ``[R, 5]`` rois), in
-      ``dtype`` (default: the dtype of ``features``).
+      ``[R, oh, ow, C]`` (per image ``[N, Ri, oh, ow, C]``) in ``dtype`` (default: the dtype of
+      ``features``).
     """
     name = type(self).__name__
     if jnp.ndim(features) != 4:
@@ -100,7 +101,7 @@ class _DeformRoIPoolBase(nnx.Module):
                        deterministic_backward=self.deterministic_backward)
 
     pooled = deform_roi_pool(features, rois, **pool_kwargs)
-    lead = pooled.shape[:-3]
+    lead = pooled.shape[:-3]  # (R,) or (N, Ri)
     x = pooled.reshape(lead + (-1,))  # (oh, ow, C) order; mmcv flattens (C, oh, ow)
     h = nnx.relu(self.offset_fc_0(x))
     h = nnx.relu(self.offset_fc_2(h))
@@ -123,6 +124,8 @@ class DeformRoIPool(_DeformRoIPoolBase):
   zero-initialised, so at initialisation the module equals plain (RoIAlign-style) pooling. The
   layers are named as in the linen module (``offset_fc_0``, ``offset_fc_2``, ``offset_fc_4``:
   mmcv's ``nn.Sequential`` indices), whose docstring gives the mmcv checkpoint reorderings.
+  Per-image boxes ``[N, Ri, 4]`` work the same way with ``(N, Ri)`` in place of ``R``, and
+  partition by batch under sharding.
 
   Example usage::
 
@@ -136,6 +139,9 @@ class DeformRoIPool(_DeformRoIPoolBase):
     >>> rois = jnp.array([[0, 1.0, 2.0, 12.0, 9.0], [1, 0.0, 0.0, 15.0, 15.0]])
     >>> layer(features, rois).shape
     (2, 3, 3, 4)
+    >>> boxes = jnp.array([[[1.0, 2.0, 12.0, 9.0]], [[0.0, 0.0, 15.0, 15.0]]])  # per image
+    >>> layer(features, boxes).shape
+    (2, 1, 3, 3, 4)
 
   Args:
     in_features: number of feature channels ``C`` (it sizes the first layer,
