@@ -130,7 +130,8 @@ def _headers(include):
   return _digest(*paths, extra=" ".join([*FLAGS, str(include)]))
 
 
-def _build(cache_dir, compiler, cuda_sources, host_sources, include=None):
+def _build(cache_dir, compiler, cuda_sources, host_sources, include=None, flags=FLAGS,
+           extra_includes=(), shared=False):
   """Links the rewritten CUDA sources and the host sources with the emulation (simt.cc).
 
   Sources are (root, path relative to root) pairs. Objects are cached in `cache_dir` by the
@@ -140,7 +141,8 @@ def _build(cache_dir, compiler, cuda_sources, host_sources, include=None):
   os.makedirs(cache_dir, exist_ok=True)
   includes = [f"-I{os.path.join(SIMT_DIR, 'include')}", f"-I{SIMT_DIR}", f"-I{SOURCES}"]
   includes.append(f"-I{include}" if include else f"-I{os.path.join(SIMT_DIR, 'fallback')}")
-  headers = _headers(include)
+  includes += [f"-I{path}" for path in extra_includes]
+  headers = _headers(include) + " ".join(flags)
   units = []
   # Units name their files relative to the tree: a copy of the tree reuses the objects.
   for root, path in cuda_sources:
@@ -160,7 +162,7 @@ def _build(cache_dir, compiler, cuda_sources, host_sources, include=None):
     private = os.path.join(cache_dir, f"{name}.{key}.{os.getpid()}.{threading.get_ident()}")
     with open(private + ".cc", "w") as f:
       f.write(text)
-    run = subprocess.run([compiler, *FLAGS, *includes, "-c", private + ".cc", "-o",
+    run = subprocess.run([compiler, *flags, *includes, "-c", private + ".cc", "-o",
                           private + ".o"], capture_output=True, text=True, timeout=900)
     if run.returncode == 0:
       os.replace(private + ".o", obj)
@@ -172,11 +174,12 @@ def _build(cache_dir, compiler, cuda_sources, host_sources, include=None):
   errors = [run.stderr for _, run in results if run is not None and run.returncode != 0]
   assert not errors, "\n".join(errors)[-8000:]
   objects = [obj for obj, _ in results]
-  binary = os.path.join(cache_dir, "driver-" + hashlib.sha256(
-      " ".join(objects).encode()).hexdigest()[:20])
+  binary = os.path.join(cache_dir, ("module-" if shared else "driver-") + hashlib.sha256(
+      " ".join(objects).encode()).hexdigest()[:20] + (".so" if shared else ""))
   if not os.path.exists(binary):
     private = f"{binary}.{os.getpid()}"
-    link = subprocess.run([compiler, *FLAGS, *objects, "-o", private],
+    link = subprocess.run([compiler, *flags, *(["-shared"] if shared else []), *objects, "-o",
+                           private],
                           capture_output=True, text=True, timeout=300)
     assert link.returncode == 0, link.stderr[-8000:]
     os.replace(private, binary)
@@ -619,3 +622,48 @@ def test_kernels_compile_against_the_fallback_headers(tmp_path):
                           "-Wno-unknown-pragmas", *includes, str(unit)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-6000:]
+
+
+# --- The CUDA FFI handlers, from JAX ------------------------------------------------------------
+
+#: test_ffi.py's tests that run on the emulated CUDA handlers: all but the check that the real
+#: build compiled CUDA, the CPU-only promise that both backward modes agree bitwise, and the
+#: DCNv3/DCNv4 targets, which tests/simt/native.cc does not hold.
+FFI_SELECTION = ("not cuda_kernels_compiled and not cpu_backward_is_deterministic and not dcnv3 "
+                 "and not dcnv4")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("FLAXDCN_SIMT_FFI") != "1",
+                    reason="opt-in (FLAXDCN_SIMT_FFI=1): past the CI budget of the simt tests")
+def test_ffi_suite_on_the_emulated_cuda_handlers(tmp_path):
+  """tests/test_ffi.py (ffi against the jnp implementation and loops: gradients, vmap, jit,
+  sharding) with ``flaxdcn._native`` replaced by xla_ext/cuda_ops.cc's handlers and the CUDA
+  kernels under the emulation, registered as CPU targets (tests/simt/native.cc). Their device
+  allocator rejects alignments above 16 bytes, as XLA's does. ``$FLAXDCN_SIMT_FFI_K`` replaces
+  the ``-k`` selection."""
+  import sys
+  import sysconfig
+
+  import jax.ffi
+  import pybind11
+
+  compiler = _compiler()
+  if compiler is None:
+    pytest.skip("no host C++ compiler (set CXX) to build the SIMT emulation")
+  flags = ["-std=c++17", "-O1", "-g", "-fPIC", "-fvisibility=hidden", "-DFLAXDCN_WITH_CUDA",
+           "-Wall", "-Wno-unknown-pragmas"]
+  module = _build(os.path.join(tempfile.gettempdir(), "flaxdcn-simt-cache"), compiler,
+                  [(SOURCES, f"xla_ext/{name}") for name in CUDA_SOURCES],
+                  [(SOURCES, "xla_ext/cuda_ops.cc"), (ROOT, "tests/simt/native.cc")],
+                  include=_toolkit_include(), flags=flags, shared=True,
+                  extra_includes=[pybind11.get_include(), sysconfig.get_paths()["include"],
+                                  jax.ffi.include_dir()])
+  env = dict(os.environ, FLAXDCN_SIMT_NATIVE=module,
+             PYTHONPATH=os.pathsep.join([SIMT_DIR, os.environ.get("PYTHONPATH", "")]))
+  run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "simt_native_plugin",
+                        "-p", "no:cacheprovider", "tests/test_ffi.py", "-k",
+                        os.environ.get("FLAXDCN_SIMT_FFI_K", FFI_SELECTION)],
+                       capture_output=True, text=True, timeout=1200, env=env, cwd=ROOT)
+  assert run.returncode == 0, (run.stdout + run.stderr)[-8000:]
+  assert re.search(r"\b\d+ passed", run.stdout), run.stdout[-2000:]

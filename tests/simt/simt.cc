@@ -34,6 +34,7 @@ extern "C" void SimtSwitch(void** save_sp, void* load_sp);
 asm(R"(
   .text
   .globl SimtSwitch
+  .hidden SimtSwitch
   .type SimtSwitch, @function
 SimtSwitch:
   pushq %rbp
