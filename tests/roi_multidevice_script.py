@@ -9,10 +9,10 @@ with a message) on the first failed check:
   adaptive and fixed sub-grids: no ``all-gather`` in the compiled forward or ``jax.grad``; the
   native program calls the batch-partitionable target; outputs and gradients stay batch-sharded
   and equal the unsharded values;
-* a ``ModulatedDeformRoIPool`` gradient step (parameters replicated, features and boxes
-  batch-sharded): no ``all-gather``, the same gradients as unsharded;
-* explicit sharding (``AxisType.Explicit`` under ``jax.set_mesh``): the op and its gradients are
-  typed batch-sharded and equal the unsharded values.
+* a ``ModulatedDeformRoIPool`` gradient step (fixed sub-grid; parameters replicated, features
+  and boxes batch-sharded): no ``all-gather``, the same gradients as unsharded;
+* explicit sharding (``AxisType.Explicit`` under ``jax.set_mesh``; fixed sub-grid): the op and its
+  gradients are typed batch-sharded and equal the unsharded values.
 """
 
 import functools
@@ -59,7 +59,7 @@ def check_partitioned(implementation, what, fn, args, sharded):
   got, want = compiled(*sharded), jax.jit(fn)(*args)
   for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
     assert_close(g, e, jnp.float32, err_msg=f"{implementation} sharded {what}")
-  return got
+  return got, want
 
 
 def main(implementation: str) -> None:
@@ -69,19 +69,22 @@ def main(implementation: str) -> None:
   batch, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
   sharded = [jax.device_put(a, batch) for a in args]
 
+  unsharded = {}
   for sampling_ratio in (0, 2):
     op = functools.partial(flaxdcn.deform_roi_pool, output_size=OUT,
                            sampling_ratio=sampling_ratio, implementation=implementation)
     grad = jax.grad(lambda *a: jnp.sum(jnp.sin(op(*a))), argnums=(0, 2, 3))
     what = f"sampling_ratio={sampling_ratio}"
-    out = check_partitioned(implementation, f"forward {what}", op, args, sharded)
+    out, want_out = check_partitioned(implementation, f"forward {what}", op, args, sharded)
     assert out.sharding.spec[0] == "batch", f"{implementation}: output sharding {out.sharding}"
     assert np.all(np.asarray(out)[1, 0] == 0) and np.all(np.asarray(out)[6, 2] == 0), (
         "padding boxes must pool zeros")
-    for g in check_partitioned(implementation, f"grad {what}", grad, args, sharded):
+    grads, want_grads = check_partitioned(implementation, f"grad {what}", grad, args, sharded)
+    for g in grads:
       assert g.sharding.spec[0] == "batch", f"{implementation}: grad sharding {g.sharding}"
+    unsharded[sampling_ratio] = (op, grad, want_out, want_grads)
 
-  layer = flaxdcn.ModulatedDeformRoIPool(output_size=OUT, deform_fc_channels=8,
+  layer = flaxdcn.ModulatedDeformRoIPool(output_size=OUT, sampling_ratio=2, deform_fc_channels=8,
                                          implementation=implementation)
   variables = layer.init(jax.random.key(0), args[0], args[1])
   # Non-zero last layers, so that the offsets and mask depend on the parameters.
@@ -92,9 +95,7 @@ def main(implementation: str) -> None:
                     [jax.device_put(variables, replicated), *sharded[:2]])
 
   explicit = jax.make_mesh((DEVICES,), ("batch",), axis_types=(AxisType.Explicit,))
-  op = functools.partial(flaxdcn.deform_roi_pool, output_size=OUT, implementation=implementation)
-  grad = jax.grad(lambda *a: jnp.sum(jnp.sin(op(*a))), argnums=(0, 2, 3))
-  want_out, want_grads = jax.jit(op)(*args), jax.jit(grad)(*args)
+  op, grad, want_out, want_grads = unsharded[2]
   with jax.set_mesh(explicit):
     on_explicit = [jax.device_put(a, NamedSharding(explicit, P("batch"))) for a in args]
     out = jax.jit(op)(*on_explicit)

@@ -36,7 +36,7 @@ def _run(script, implementation):
       if not flag.startswith("--xla_force_host_platform_device_count"))
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, str(script), implementation], env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
+                        capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, (
       f"{script.name} {implementation} failed (rc={proc.returncode}):\n"
       f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
