@@ -308,7 +308,9 @@ def test_remat_and_eager():
                                argnums=(0, 1, 2, 3)))(inputs, offsets, mask, kernel)
   for p, r, e, x in zip(plain, remat, eager, reference):
     np.testing.assert_array_equal(p, r)
-    np.testing.assert_array_equal(p, e)
+    # Eager runs XLA's own ops (GEMM, sin, reductions) one by one, unfused: the last bits may
+    # differ from the jitted program's, so only the native stages are held to bitwise equality.
+    assert_close(e, p, jnp.float32)
     assert_close(p, x, jnp.float32)
 
 
