@@ -2,7 +2,7 @@
 
 Usage::
 
-  python -m flaxdcn.benchmark                       # R1 on the default device, float32
+  python -m flaxdcn.benchmark                       # R1, R2, P1 on the CPU (float32)
   python -m flaxdcn.benchmark --shapes R1,G1,G2 --dtypes float32,bfloat16 --json out.json
   python -m flaxdcn.benchmark --help
 
@@ -56,6 +56,7 @@ class ConvShape:
 SHAPES = {
     s.name: s for s in [
         ConvShape("R1", 8, 28, 64, 64, description="reference CPU shape"),
+        ConvShape("R2", 4, 56, 128, 128, description="larger CPU shape, 8x R1's multiply-adds"),
         ConvShape("G1", 8, 50, 256, 256, description="ResNet-50 stage 4 at 800 px"),
         ConvShape("G1g4", 8, 50, 256, 256, offset_groups=4, description="G1, 4 offset groups"),
         ConvShape("G2", 32, 56, 64, 64, description="ResNet stage 1 at 224 px"),
@@ -361,7 +362,7 @@ def _torchvision_roi_align(shape: RoIShape, dtype_name: str, device: str
   features, rois = (np.asarray(a) for a in _roi_inputs(shape))
   x = torch.from_numpy(features.transpose(0, 3, 1, 2).copy()).to(
       device=tdev, dtype=getattr(torch, dtype_name)).requires_grad_(True)
-  boxes = torch.from_numpy(rois).to(device=tdev, dtype=x.dtype)
+  boxes = torch.from_numpy(np.array(rois)).to(device=tdev, dtype=x.dtype)  # a writable copy
   cot = torch.randn(shape.rois, shape.channels, shape.output, shape.output,
                     generator=torch.Generator(device="cpu").manual_seed(0)).to(tdev, x.dtype)
 
@@ -512,8 +513,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"  {s.name:5s} N={s.batch}, {s.size}x{s.size}, C={s.in_features}, "
           f"G={s.offset_groups} ({s.description})" for s in DCNV3_SHAPES.values()))
   on_gpu = jax.devices()[0].platform == "gpu"
-  parser.add_argument("--shapes", default="R1,G1,G1g4,G2,P1" if on_gpu else "R1,P1",
-                      help="comma-separated shape names (default: R1,P1 on CPU, all on GPU)")
+  parser.add_argument("--shapes", default="R1,G1,G1g4,G2,P1" if on_gpu else "R1,R2,P1",
+                      help="comma-separated shape names (default: R1,R2,P1 on CPU, all but R2 "
+                      "on GPU)")
   parser.add_argument("--dtypes", default="float32",
                       help=f"comma-separated, of {', '.join(DTYPES)} (default float32)")
   parser.add_argument("--implementations", default=",".join(default_implementations()),
