@@ -1,19 +1,14 @@
-// XLA FFI handlers of the DCNv3 / DCNv4 CPU kernels: buffer checks, dtype dispatch and the
-// thread pool.
+// XLA FFI handlers of the DCNv3 / DCNv4 CPU kernels: buffer checks and the partition of each
+// kernel over XLA's thread pool (cpu_parallel.h).
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <new>
 #include <string>
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
 #include "xla_ext/cpu_dcnv3_kernels.h"
+#include "xla_ext/cpu_parallel.h"
 #include "xla_ext/cpu_types.h"
 #include "xla_ext/dcnv3_ffi.h"
 #include "xla_ext/dcnv3_ops.h"
@@ -22,112 +17,9 @@
 namespace flaxdcn {
 namespace {
 
-// Runs fn(0), ..., fn(tasks - 1) on the caller and up to pool-size - 1 helpers. Tasks are
-// claimed from a shared counter, so the call never waits for a helper that has not started; the
-// state is shared, so a late helper finds no task and touches nothing else. Returns false when a
-// task ran out of memory (no exception crosses a thread or the FFI boundary).
-class TaskPool {
- public:
-  [[nodiscard]] static bool Run(ffi::ThreadPool& pool, int64_t tasks,
-                                std::function<void(int64_t)> fn) {
-    if (tasks <= 0) return true;
-    auto state = std::make_shared<TaskPool>(tasks, std::move(fn));
-    const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks) - 1;
-    for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->Work(); });
-    state->Work();
-    std::unique_lock<std::mutex> lock(state->mu_);
-    state->all_done_.wait(lock, [&] { return state->done_ == state->tasks_; });
-    return !state->failed_.load();
-  }
-
-  TaskPool(int64_t tasks, std::function<void(int64_t)> fn) : tasks_(tasks), fn_(std::move(fn)) {}
-
- private:
-  void Work() {
-    int64_t finished = 0;
-    for (int64_t t = next_.fetch_add(1); t < tasks_; t = next_.fetch_add(1)) {
-      try {
-        fn_(t);
-      } catch (const std::bad_alloc&) {
-        failed_.store(true);
-      }
-      ++finished;
-    }
-    if (finished == 0) return;
-    std::lock_guard<std::mutex> lock(mu_);
-    done_ += finished;
-    if (done_ == tasks_) all_done_.notify_all();
-  }
-
-  const int64_t tasks_;
-  const std::function<void(int64_t)> fn_;
-  std::atomic<int64_t> next_{0};
-  std::atomic<bool> failed_{false};
-  std::mutex mu_;
-  std::condition_variable all_done_;
-  int64_t done_ = 0;
-};
-
-// fn(begin, end) over [0, size) in a few contiguous chunks per thread.
-[[nodiscard]] bool Ranges(ffi::ThreadPool& pool, int64_t size,
-                          const std::function<void(int64_t, int64_t)>& fn) {
-  if (size <= 0) return true;
-  const int64_t chunks = std::min<int64_t>(size, 4 * std::max<int64_t>(1, pool.num_threads()));
-  return TaskPool::Run(pool, chunks,
-                       [&](int64_t t) { fn(size * t / chunks, size * (t + 1) / chunks); });
-}
-
-// Calls fn(T{}) with T the stored element type; fn returns whether it succeeded.
-template <typename Fn>
-ffi::Error Dispatch(const char* op, ffi::DataType dtype, Fn&& fn) {
-  bool ok = false;
-  try {
-    switch (dtype) {
-      case ffi::DataType::F32:
-        ok = fn(float{});
-        break;
-      case ffi::DataType::F64:
-        ok = fn(double{});
-        break;
-      case ffi::DataType::F16:
-        ok = fn(Float16{});
-        break;
-      case ffi::DataType::BF16:
-        ok = fn(BFloat16{});
-        break;
-      default:
-        return ffi::Error::InvalidArgument(std::string(op) + ": unsupported dtype");
-    }
-  } catch (const std::bad_alloc&) {
-    ok = false;
-  }
-  if (ok) return ffi::Error::Success();
-  return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                    std::string(op) + ": out of host memory for the kernel's scratch buffers");
-}
-
-template <typename T>
-const T* Data(const ffi::AnyBuffer& b) {
-  return reinterpret_cast<const T*>(b.untyped_data());
-}
-template <typename T>
-T* Data(ffi::Result<ffi::AnyBuffer>& b) {
-  return reinterpret_cast<T*>(b->untyped_data());
-}
-
-// Channel blocks per group of the backward: split only when there are fewer than kTargetTasks
-// (image, group) pairs, since every block repeats the per-sample work. Depends on the shapes
-// only, never on the thread count, so reductions are summed in the same order everywhere.
+// The (image, group, channel block) partition of the backward.
 int64_t BackwardBlocks(const Dcnv3Params& p) {
-  constexpr int64_t kTargetTasks = 8;
-  constexpr int64_t kMinBlockChannels = 16;
-  const int64_t group_channels = p.group_channels();
-  if (group_channels == 0) return 1;
-  const int64_t images = std::max<int64_t>(1, p.batch * p.groups);
-  int64_t blocks = (kTargetTasks + images - 1) / images;
-  blocks = std::max<int64_t>(1, std::min(blocks, group_channels / kMinBlockChannels));
-  const int64_t width = (group_channels + blocks - 1) / blocks;
-  return (group_channels + width - 1) / width;  // no empty block
+  return BackwardChannelBlocks(p.group_channels(), p.batch * p.groups);
 }
 
 Dcnv3Attrs Attrs(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t stride_w,
@@ -141,7 +33,7 @@ Dcnv3Attrs Attrs(int64_t kernel_h, int64_t kernel_w, int64_t stride_h, int64_t s
 template <typename T>
 bool Forward(ffi::ThreadPool& pool, const Dcnv3Params& p, const T* input, const T* offset,
              const T* mask, T* out) {
-  return Ranges(pool, p.batch * p.positions(), [&](int64_t begin, int64_t end) {
+  return ParallelRanges(pool, p.batch * p.positions(), [&](int64_t begin, int64_t end) {
     Dcnv3Cpu<T>(p, input, offset, mask, out, begin, end);
   });
 }
@@ -162,12 +54,12 @@ bool Backward(ffi::ThreadPool& pool, const Dcnv3Params& p, const T* grad_out, co
   const int64_t blocks = BackwardBlocks(p);
   // Every entry is written by stage 1 before stage 2 reads it.
   std::unique_ptr<A[]> partial(new A[p.samples() * blocks * 4]);
-  return TaskPool::Run(pool, p.batch * p.groups * blocks,
+  return ParallelFor::Run(pool, p.batch * p.groups * blocks,
                        [&](int64_t task) {
                          Dcnv3BackwardInputCpu<T>(p, blocks, task, grad_out, input, offset, mask,
                                                   grad_input, partial.get());
                        }) &&
-         Ranges(pool, p.batch * p.positions(), [&](int64_t begin, int64_t end) {
+         ParallelRanges(pool, p.batch * p.positions(), [&](int64_t begin, int64_t end) {
            Dcnv3BackwardCoordCpu<T>(p, blocks, partial.get(), offset, mask, grad_offset,
                                     grad_mask != nullptr ? grad_mask : grad_offset + 2 * p.points(),
                                     begin, end);
@@ -185,7 +77,7 @@ ffi::Error Dcnv3CpuImpl(ffi::ThreadPool pool, ffi::AnyBuffer input, ffi::AnyBuff
                                       dilation_h, dilation_w, groups, offset_scale,
                                       remove_center));
   if (!params) return params.error();
-  return Dispatch(kOp, input.element_type(), [&](auto tag) {
+  return DispatchCpu(kOp, input.element_type(), [&](auto tag) {
     using T = decltype(tag);
     return Forward<T>(pool, *params, Data<T>(input), Data<T>(offset), Data<T>(mask),
                       Data<T>(out));
@@ -212,7 +104,7 @@ ffi::Error Dcnv3BwdCpuImpl(ffi::ThreadPool pool, ffi::AnyBuffer grad_out, ffi::A
       e.failure()) {
     return e;
   }
-  return Dispatch(kOp, input.element_type(), [&](auto tag) {
+  return DispatchCpu(kOp, input.element_type(), [&](auto tag) {
     using T = decltype(tag);
     return Backward<T>(pool, *params, Data<T>(grad_out), Data<T>(input), Data<T>(offset),
                        Data<T>(mask), Data<T>(grad_input), Data<T>(grad_offset),
@@ -231,7 +123,7 @@ ffi::Error Dcnv4CpuImpl(ffi::ThreadPool pool, ffi::AnyBuffer input, ffi::AnyBuff
                                       dilation_h, dilation_w, groups, offset_scale,
                                       remove_center));
   if (!params) return params.error();
-  return Dispatch(kOp, input.element_type(), [&](auto tag) {
+  return DispatchCpu(kOp, input.element_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* om = Data<T>(offset_mask);
     return Forward<T>(pool, *params, Data<T>(input), om, om + 2 * params->points(),
@@ -257,7 +149,7 @@ ffi::Error Dcnv4BwdCpuImpl(ffi::ThreadPool pool, ffi::AnyBuffer grad_out, ffi::A
       e.failure()) {
     return e;
   }
-  return Dispatch(kOp, input.element_type(), [&](auto tag) {
+  return DispatchCpu(kOp, input.element_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* om = Data<T>(offset_mask);
     return Backward<T>(pool, *params, Data<T>(grad_out), Data<T>(input), om,
