@@ -376,6 +376,7 @@ def test_errors():
 SCRIPT = pathlib.Path(__file__).with_name("dcnv3_multidevice_script.py")
 
 
+@pytest.mark.extended  # a multi-device subprocess: run by .ci/run after the default suite
 @pytest.mark.slow
 def test_batch_sharded_jit(implementation):
   env = dict(os.environ)

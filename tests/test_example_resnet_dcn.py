@@ -14,6 +14,9 @@ import pytest
 
 import flaxdcn
 
+#: Long integration tests: run by .ci/run after the default suite (pytest -m extended).
+pytestmark = pytest.mark.extended
+
 EXAMPLE_DIR = pathlib.Path(__file__).resolve().parents[1] / "examples" / "resnet_dcn"
 sys.path.insert(0, str(EXAMPLE_DIR))
 

@@ -20,6 +20,9 @@ canvases = pytest.importorskip("canvases", reason="the examples extra (mlxtend) 
 import detector  # noqa: E402
 import roi_figures  # noqa: E402
 
+#: Long integration tests: run by .ci/run after the default suite (pytest -m extended).
+pytestmark = pytest.mark.extended
+
 
 def _load_train():
   """The example's ``train.py`` under its own name (the conv example has a ``train`` too)."""

@@ -31,6 +31,7 @@ def test_without_a_gpu_it_stops_clearly(tmp_path):
   assert re.search(r"^jax: \d", environment, re.M), environment
 
 
+@pytest.mark.extended  # collects the whole suite in a subprocess: run by .ci/run after it
 def test_dry_run_collects_the_cuda_selections(tmp_path):
   result = _run(tmp_path, "--collect-only")
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

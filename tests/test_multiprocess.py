@@ -13,6 +13,9 @@ import pytest
 
 from tolerances import assert_close
 
+#: Long integration tests: run by .ci/run after the default suite (pytest -m extended).
+pytestmark = pytest.mark.extended
+
 SCRIPT = pathlib.Path(__file__).resolve().parent / "multiprocess_script.py"
 #: Seconds any process may take; past it every process of the run is killed.
 TIMEOUT_S = 900

@@ -455,6 +455,7 @@ def test_remat_gives_the_same_gradients(implementation):
   assert "remat" in str(jaxpr) or "checkpoint" in str(jaxpr)
 
 
+@pytest.mark.extended  # a multi-device subprocess: run by .ci/run after the default suite
 @pytest.mark.slow
 def test_batch_sharded_nnx_jit_step(implementation):
   """tests/nnx_multidevice_script.py on 8 CPU devices (see its docstring for the checks)."""

@@ -13,6 +13,9 @@ import sys
 
 import pytest
 
+#: Long integration tests: run by .ci/run after the default suite (pytest -m extended).
+pytestmark = pytest.mark.extended
+
 SCRIPT = pathlib.Path(__file__).with_name("multidevice_script.py")
 ROI_SCRIPT = pathlib.Path(__file__).with_name("roi_multidevice_script.py")
 
