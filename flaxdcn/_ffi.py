@@ -438,7 +438,19 @@ _apply.defvjp(_apply_fwd, _apply_bwd)
 
 def _call(op: _Op, *operands, geometry, deterministic_backward: bool,
           fallback: Callable | None) -> jax.Array:
-  """``op`` on ``operands``, differentiable in those not in ``op.nondiff``."""
+  """``op`` on ``operands`` (arguments already checked), differentiable in those not in
+  ``op.nondiff``.
+
+  Args:
+    op: the row of ``_OPS``.
+    *operands: its operands, an empty last axis for an absent ``op.optional`` one.
+    geometry: the static (hashable) parameters.
+    deterministic_backward: the CUDA backward sums its scattered gradient in fixed point instead
+      of with float atomics (bitwise reproducible); the CPU backward always is.
+    fallback: ``fallback(*operands, geometry)`` (None for an absent optional operand), lowered on
+      platforms without native kernels; None (``implementation="ffi"``) makes those platforms
+      an error.
+  """
   return _apply(op, geometry, bool(deterministic_backward), fallback, tuple(operands))
 
 
@@ -451,11 +463,7 @@ def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
     inputs: ``[N, H, W, C]`` in a floating dtype ``T``.
     offsets: ``[N, Ho, Wo, G * kh * kw * 2]`` in ``T``, channel order ``(g, i, j, (dy, dx))``.
     mask: ``[N, Ho, Wo, G * kh * kw]`` in ``T``, or None.
-    geometry: the static geometry.
-    deterministic_backward: the CUDA backward sums grad-inputs in fixed point instead of with
-      float atomics (bitwise reproducible); the CPU backward always is.
-    fallback: ``fallback(inputs, offsets, mask, geometry)``, lowered on platforms without native
-      kernels; None (``implementation="ffi"``) makes those platforms an error.
+    geometry, deterministic_backward, fallback: as in :func:`_call`.
 
   Returns:
     Columns ``[N, Ho, Wo, kh * kw, C]`` in ``T``; differentiable in ``inputs``, ``offsets`` and
@@ -479,11 +487,7 @@ def deform_roi_pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | N
       zeros), in the compute dtype of ``T`` (float64 for float64, else float32); not
       differentiated.
     offsets: ``[R, oh, ow, 2]`` (per image ``[N, Ri, oh, ow, 2]``) ``(dy, dx)`` in ``T``, or None.
-    geometry: the static parameters.
-    deterministic_backward: the CUDA backward sums grad-features in fixed point instead of with
-      float atomics (bitwise reproducible); the CPU backward always is.
-    fallback: ``fallback(features, rois, offsets, geometry)``, lowered on platforms without native
-      kernels; None (``implementation="ffi"``) makes those platforms an error.
+    geometry, deterministic_backward, fallback: as in :func:`_call`.
 
   Returns:
     ``[R, oh, ow, C]`` (per image ``[N, Ri, oh, ow, C]``) in ``T``; differentiable in
@@ -508,10 +512,7 @@ def dcnv3(inputs: jax.Array, offsets: jax.Array, mask: jax.Array, geometry, *,
     offsets: ``[N, Ho, Wo, G * P * 2]`` in ``T``, channel order ``(g, p, (dx, dy))``.
     mask: ``[N, Ho, Wo, G * P]`` in ``T``.
     geometry: the static :class:`~flaxdcn._geometry.Dcnv3Geometry`.
-    deterministic_backward: the CUDA backward sums grad-inputs in fixed point instead of with
-      float atomics (bitwise reproducible); the CPU backward always is.
-    fallback: ``fallback(inputs, offsets, mask, geometry)``, lowered on platforms without native
-      kernels; None (``implementation="ffi"``) makes those platforms an error.
+    deterministic_backward, fallback: as in :func:`_call`.
 
   Returns:
     ``[N, Ho, Wo, C]`` in ``T``; differentiable in all three arguments.
@@ -523,6 +524,6 @@ def dcnv3(inputs: jax.Array, offsets: jax.Array, mask: jax.Array, geometry, *,
 def dcnv4(inputs: jax.Array, offset_mask: jax.Array, geometry, *, deterministic_backward: bool,
           fallback: Callable | None) -> jax.Array:
   """DCNv4 by the fused native kernels: :func:`dcnv3` with ``offset_mask [N, Ho, Wo, D]`` (its
-  padding channels get zero gradient); ``fallback(inputs, offset_mask, geometry)``."""
+  padding channels get zero gradient)."""
   return _call(_DCNV4, inputs, offset_mask, geometry=geometry,
                deterministic_backward=deterministic_backward, fallback=fallback)
