@@ -1,31 +1,32 @@
 """The one file that talks to ``jax.ffi``: the native kernels of ``xla_ext/`` as JAX operations.
 
-Each native stage is a JAX primitive (forward and backward of the deformable im2col and of the
-deformable RoI pooling) with
+Every native op is one row of the table ``_OPS`` (an :class:`_Op`): a forward FFI target
+``<target>`` and its backward ``<target>_bwd``, each a JAX primitive with
 
-- a lowering per platform, chosen when the program is lowered: the XLA FFI custom call on the
-  platforms this build has kernels for (``cpu`` always, ``cuda`` when compiled with CUDA), and
-  elsewhere the pure-jnp ``fallback`` (``implementation=None``) or a clear error
-  (``implementation="ffi"``, ``fallback=None``); on a machine whose CUDA driver is older than
-  the kernels' CUDA runtime, the ``cuda`` lowering takes the fallback with one warning, or raises
-  for ``implementation="ffi"`` (both name the two versions);
-- a batching rule that folds a vmapped axis into the batch axis (one kernel launch, any depth of
-  ``vmap``);
-- for the convolution and the per-image RoI pooling, batch partitioning: the custom call carries
-  a ``num_batch_dims`` frontend attribute and an ``sdy.sharding_rule``, and its targets are
-  registered as batch partitionable, so under ``jit`` with batch-sharded inputs every device runs
-  its own shard (no all-gather).
+- a lowering per platform, chosen in one place (:func:`_lowers_natively`) when the program is
+  lowered: the custom call on the platforms this build has kernels for (``cpu`` always, ``cuda``
+  when compiled with CUDA) and elsewhere the op's pure-jnp ``fallback`` (``implementation=None``)
+  or a clear error (``implementation="ffi"``, ``fallback=None``); on a machine whose CUDA driver
+  is older than the kernels' CUDA runtime, ``cuda`` takes the fallback with one warning, or
+  raises for ``implementation="ffi"`` (both name the two versions);
+- a batching rule that folds a vmapped axis into the leading axis (one kernel launch, any depth
+  of ``vmap``);
+- for the rows that partition by batch (every operand and result leads with the image axis):
+  a ``num_batch_dims`` frontend attribute and an ``sdy.sharding_rule`` on the custom call, and
+  both targets registered as batch partitionable, so under ``jit`` with batch-sharded inputs
+  every device runs its own shard (no all-gather).
 
-``jax.custom_vjp`` ties each forward to its backward; residuals are the inputs (the columns are
-never kept). Registration happens once, at import, for every platform the build has (registering
-a CUDA target on a CPU-only jaxlib is harmless: it is queued for a CUDA plugin).
+``jax.custom_vjp`` ties each forward to its backward; the residuals are the inputs (the forward's
+intermediates are never kept). Registration happens once, at import, for every platform the
+build has (a CUDA target registered on a CPU-only jaxlib is queued for a CUDA plugin, harmlessly).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from flaxdcn._geometry import ConvGeometry, RoIPoolGeometry, compute_dtype
 
 try:
-  from flaxdcn import _native  # pytype: disable=import-error
+  from flaxdcn import _native
   _IMPORT_ERROR: str | None = None
 except ImportError as e:  # a source checkout without the compiled module
   _native = None
@@ -50,30 +51,181 @@ try:  # the helpers jax's own linalg lowerings use for their sharding rules
 except ImportError:  # batch partitioning then falls back to XLA's all-gather; results are equal
   sdy_sharding_rule_to_mlir = str_to_sdy_sharding_rule = None
 
-_IM2COL = "flaxdcn_deform_im2col"
-_IM2COL_BWD = "flaxdcn_deform_im2col_bwd"
-_ROI_POOL = "flaxdcn_deform_roi_pool"
-_ROI_POOL_BWD = "flaxdcn_deform_roi_pool_bwd"
-# The RoI handlers read the form from the rank of rois. The per-image form ([N, Ri, 4]: the image
-# axis leads every operand and result) is the one that partitions by batch, under names of its own.
-_ROI_POOL_IMAGES = "flaxdcn_deform_roi_pool_images"
-_ROI_POOL_IMAGES_BWD = "flaxdcn_deform_roi_pool_images_bwd"
-_ALIASES = {_ROI_POOL_IMAGES: _ROI_POOL, _ROI_POOL_IMAGES_BWD: _ROI_POOL_BWD}
-
 #: Names the native module registers under -> names of JAX lowering platforms.
 _PLATFORMS = {"cpu": "cpu", "CUDA": "cuda"}
 
 
+# --- The table's row -----------------------------------------------------------------------------
+
+def _fold(x, dim, size):
+  """Moves the vmapped axis (broadcasting an unbatched operand) to the front and merges it into
+  the leading axis: ``[B, N, ...] -> [B * N, ...]``."""
+  x = jnp.broadcast_to(x, (size,) + x.shape) if dim is None else jnp.moveaxis(x, dim, 0)
+  return x.reshape((size * x.shape[1],) + x.shape[2:])
+
+
+def _unfold(x, size):
+  return x.reshape((size, x.shape[0] // size) + x.shape[1:])
+
+
+def _fold_leading(operands, dims, size, backward):
+  """The plain folding rule: every operand's vmapped axis merges into its leading axis."""
+  del backward
+  return [_fold(a, d, size) for a, d in zip(operands, dims)]
+
+
+def _define(name: str, multiple_results: bool) -> Primitive:
+  prim = Primitive(name)
+  prim.multiple_results = multiple_results
+
+  @functools.lru_cache(maxsize=None)
+  def jitted(**params):
+    return jax.jit(functools.partial(prim.bind, **params))
+
+  prim.def_impl(lambda *args, **params: jitted(**params)(*args))
+  return prim
+
+
+@dataclasses.dataclass(eq=False)  # hashed by identity: rows are static parameters of primitives
+class _Op:
+  """One native op, a row of ``_OPS``: the forward target ``target`` and the backward
+  ``target + "_bwd"``.
+
+  The forward takes the operands and returns one array; the backward takes the result's
+  cotangent and the operands and returns the gradients of the operands not in ``nondiff``, each
+  shaped like its operand. Both take the static ``geometry`` (hashable) and ``fallback``; the
+  fallback is called as ``fallback(*operands, geometry)``. An entry point calls
+  ``_call(row, *operands, geometry=..., deterministic_backward=..., fallback=...)``.
+  """
+  #: The public function, named in errors.
+  name: str
+  #: The forward's FFI target name.
+  target: str
+  #: ``geometry -> {name: numpy scalar}``: the custom call's attributes (the backward adds
+  #: ``deterministic``).
+  attributes: Callable[[Any], dict[str, Any]]
+  #: ``(*operand avals, geometry) -> result aval`` (use :func:`_out_aval`).
+  abstract: Callable[..., Any]
+  #: Operands that get no gradient (the backward returns none; their cotangent is zero).
+  nondiff: tuple[int, ...] = ()
+  #: Operands whose empty last axis stands for None: the fallback receives None for them.
+  optional: tuple[int, ...] = ()
+  #: Every operand and result leads with the image axis, and the targets partition by it.
+  batch_partitionable: bool = True
+  #: ``(operands, dims, size, backward) -> operands`` folding a vmapped axis of ``size`` into the
+  #: axes the kernels read; every result then unfolds from its leading axis. ``backward``: the
+  #: operands are the backward's (after the cotangent, which folds into its leading axis).
+  fold: Callable[..., Sequence[Any]] = _fold_leading
+  #: The native module's name for this target's handlers, where this row registers them again
+  #: under its own names (default: ``target``).
+  handler: str | None = None
+  #: The forward and backward primitives, named after their targets.
+  fwd: Primitive = dataclasses.field(init=False, repr=False)
+  bwd: Primitive = dataclasses.field(init=False, repr=False)
+
+  def __post_init__(self):
+    self.fwd = _define(self.target, multiple_results=False)
+    self.bwd = _define(self.target + "_bwd", multiple_results=True)
+
+
+def _out_aval(like, shape, batch_like=None):
+  """The abstract value of an output of ``shape`` in ``like``'s dtype, varying over ``like``'s
+  manual axes (shard_map). Under explicit sharding it is sharded along its leading axis like
+  ``batch_like``'s leading axis (default ``like``) and replicated otherwise."""
+  sharding = (like if batch_like is None else batch_like).sharding
+  leading = sharding.spec[0] if len(sharding.spec) else None
+  sharding = NamedSharding(sharding.mesh, PartitionSpec(leading, *([None] * (len(shape) - 1))))
+  return like.update(shape=tuple(shape), weak_type=False, sharding=sharding)
+
+
+# --- The rows ------------------------------------------------------------------------------------
+
+def _window_attributes(conv: ConvGeometry) -> dict[str, Any]:
+  (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.strides, conv.dilation
+  (ph, _), (pw, _) = conv.padding
+  attrs = dict(kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw, pad_h=ph, pad_w=pw,
+               dilation_h=dh, dilation_w=dw)
+  return {k: np.int64(v) for k, v in attrs.items()}
+
+
+def _conv_attributes(geometry: ConvGeometry) -> dict[str, Any]:
+  return _window_attributes(geometry) | dict(offset_groups=np.int64(geometry.offset_groups))
+
+
+def _dcnv3_attributes(geometry) -> dict[str, Any]:
+  return _window_attributes(geometry.conv) | dict(
+      groups=np.int64(geometry.groups), offset_scale=np.float64(geometry.offset_scale),
+      remove_center=bool(geometry.remove_center))
+
+
+def _roi_attributes(geometry: RoIPoolGeometry) -> dict[str, Any]:
+  return dict(spatial_scale=np.float64(geometry.spatial_scale),
+              sampling_ratio=np.int64(geometry.sampling_ratio), gamma=np.float64(geometry.gamma))
+
+
+def _roi_abstract(features, rois, offsets, geometry):
+  """``[R, oh, ow, C]`` (its leading axis is the RoIs') or per image ``[N, Ri, oh, ow, C]``."""
+  del offsets
+  return _out_aval(features, (*rois.shape[:-1], *geometry.output_size, features.shape[-1]),
+                   rois if rois.ndim == 2 else features)
+
+
+def _fold_roi_rows(operands, dims, size, backward):
+  """``[R, 5]`` RoIs: the vmapped axis folds into the RoI axis, and batched features (always in
+  the backward, where each member needs its own grad-features) into the image axis, moving each
+  member's batch indices to its own images (invalid indices stay invalid). Unbatched features
+  in the forward are shared, unfolded."""
+  (features, rois, offsets), (f_dim, r_dim, o_dim) = operands, dims
+  rois, offsets = _fold(rois, r_dim, size), _fold(offsets, o_dim, size)
+  if f_dim is None and not backward:
+    return features, rois, offsets
+  features = _fold(features, f_dim, size)
+  images = features.shape[0] // size
+  index = rois[:, 0]  # exact in float32 while size * images < 2^24
+  member = jnp.repeat(jnp.arange(size, dtype=rois.dtype), rois.shape[0] // size)
+  index = jnp.where((index > -1) & (index < images), jnp.trunc(index) + member * images, -1)
+  return features, rois.at[:, 0].set(index), offsets
+
+
+def _dcnv3_abstract(inputs, *sampling, geometry):
+  del sampling
+  return _out_aval(inputs, (inputs.shape[0], *geometry.conv.out_size, inputs.shape[-1]))
+
+
+_IM2COL = _Op(  # inputs [N, H, W, C], offsets, mask (or [.., 0]) -> columns [N, Ho, Wo, K, C]
+    "deform_conv2d", "flaxdcn_deform_im2col", _conv_attributes, optional=(2,),
+    abstract=lambda x, offsets, mask, geometry: _out_aval(
+        x, (x.shape[0], *geometry.out_size, geometry.num_kernel_points, x.shape[-1])))
+_ROI_POOL = _Op(  # features [N, H, W, C], rois [R, 5], offsets [R, oh, ow, 2 or 0]
+    "deform_roi_pool", "flaxdcn_deform_roi_pool", _roi_attributes, _roi_abstract, nondiff=(1,),
+    optional=(2,), batch_partitionable=False, fold=_fold_roi_rows)
+_ROI_POOL_IMAGES = _Op(  # features [N, H, W, C], rois [N, Ri, 4], offsets [N, Ri, oh, ow, 2 or 0]
+    "deform_roi_pool", "flaxdcn_deform_roi_pool_images", _roi_attributes, _roi_abstract,
+    nondiff=(1,), optional=(2,), handler="flaxdcn_deform_roi_pool")
+_DCNV3 = _Op("dcnv3", "flaxdcn_dcnv3", _dcnv3_attributes, _dcnv3_abstract)
+_DCNV4 = _Op("dcnv4", "flaxdcn_dcnv4", _dcnv3_attributes, _dcnv3_abstract)
+
+_OPS = (_IM2COL, _ROI_POOL, _ROI_POOL_IMAGES, _DCNV3, _DCNV4)
+
+
+# --- Registration --------------------------------------------------------------------------------
+
 def _registered() -> dict[str, dict[str, Any]]:
+  """Registers the native targets of every platform built; returns ``{jax platform: targets}``."""
   if _native is None:
     return {}
   registrations = _native.registrations()
   for platform, targets in registrations.items():
-    targets.update({alias: targets[name] for alias, name in _ALIASES.items() if name in targets})
+    for op in _OPS:
+      if op.handler is not None and op.handler in targets:
+        targets[op.target] = targets[op.handler]
+        targets[op.target + "_bwd"] = targets[op.handler + "_bwd"]
     for name, capsule in targets.items():
       jax.ffi.register_ffi_target(name, capsule, platform=platform)
-  for name in (_IM2COL, _IM2COL_BWD, _ROI_POOL_IMAGES, _ROI_POOL_IMAGES_BWD):
-    jax.ffi.register_ffi_target_as_batch_partitionable(name)
+  for op in _OPS:
+    if op.batch_partitionable:
+      jax.ffi.register_ffi_target_as_batch_partitionable(op.target)
+      jax.ffi.register_ffi_target_as_batch_partitionable(op.target + "_bwd")
   return {_PLATFORMS[p]: targets for p, targets in registrations.items() if p in _PLATFORMS}
 
 
@@ -103,78 +255,7 @@ def build_info() -> dict[str, Any]:
   return info
 
 
-# --- Primitive plumbing ------------------------------------------------------------------------
-
-def _out_aval(like, shape, batch_like=None):
-  """The abstract value of an output of ``shape`` in ``like``'s dtype, varying over ``like``'s
-  manual axes (shard_map). Under explicit sharding it is sharded along its leading axis like
-  ``batch_like``'s leading axis (default ``like``) and replicated otherwise."""
-  batch_like = like if batch_like is None else batch_like
-  sharding = batch_like.sharding
-  spec = sharding.spec
-  leading = spec[0] if len(spec) else None
-  sharding = NamedSharding(sharding.mesh, PartitionSpec(leading, *([None] * (len(shape) - 1))))
-  return like.update(shape=tuple(shape), weak_type=False, sharding=sharding)
-
-
-def _define(name: str, multiple_results: bool) -> Primitive:
-  prim = Primitive(name)
-  prim.multiple_results = multiple_results
-
-  @functools.lru_cache(maxsize=None)
-  def jitted(**params):
-    return jax.jit(functools.partial(prim.bind, **params))
-
-  def impl(*args, **params):
-    return jitted(**params)(*args)
-
-  prim.def_impl(impl)
-  return prim
-
-
-def _unavailable_error(op: str, ctx) -> NotImplementedError:
-  platforms = tuple(ctx.module_context.platforms)
-  built = sorted(_TARGETS) or ["none"]
-  return NotImplementedError(
-      f"{op}: implementation='ffi' needs the native kernels for platform {'/'.join(platforms)}, "
-      f"but this flaxdcn build has them for: {', '.join(built)}"
-      + (f" ({_IMPORT_ERROR})" if _IMPORT_ERROR else "")
-      + ". Use implementation=None (native where built, else 'xla') or 'xla'.")
-
-
-def _batch_sharding_rule(ctx):
-  """``sdy.sharding_rule`` with one factor shared by the leading (batch) dimension of every operand
-  and result, and every other dimension a factor of its own that must stay replicated."""
-  letters = iter("abcdefghijklmopqrstuvwxyz")  # "n" is the batch factor
-  others: list[str] = []
-
-  def mapping(aval):
-    dims = [next(letters) for _ in aval.shape[1:]]
-    others.extend(dims)
-    return " ".join(["n", *dims])
-
-  lhs = ", ".join(mapping(a) for a in ctx.avals_in)
-  rhs = ", ".join(mapping(a) for a in ctx.avals_out)
-  rule = str_to_sdy_sharding_rule(f"{lhs} -> {rhs}", need_replication_factors=tuple(others))
-  types = lambda avals: [ir.RankedTensorType.get(a.shape, mlir.dtype_to_ir_type(a.dtype))
-                         for a in avals]
-  return sdy_sharding_rule_to_mlir(rule, types(ctx.avals_in), types(ctx.avals_out))
-
-
-def _native_lowering(target: str, attributes: Callable[..., dict[str, Any]],
-                     batch_partitionable: bool):
-  """Lowering to the custom call ``target``; ``attributes(**params)`` gives its attributes."""
-
-  def rule(ctx, *args, **params):
-    extra = None
-    if batch_partitionable:
-      extra = {"mhlo.frontend_attributes": mlir.ir_attribute({"num_batch_dims": "1"})}
-      if jax.config.jax_use_shardy_partitioner and str_to_sdy_sharding_rule is not None:
-        extra["sdy.sharding_rule"] = _batch_sharding_rule(ctx)
-    return jax.ffi.ffi_lowering(target, extra_attributes=extra)(ctx, *args, **attributes(**params))
-
-  return rule
-
+# --- Lowering ------------------------------------------------------------------------------------
 
 def _gpu_backend_present() -> bool:
   try:
@@ -211,144 +292,166 @@ def _warn_cuda_fallback(problem: str) -> None:
                 "driver's CUDA toolkit, for the native kernels).", RuntimeWarning, stacklevel=2)
 
 
-def _cuda_checked(native_rule, fallback_rule, op: str):
-  """The CUDA lowering: native where the driver can run the kernels; otherwise the fallback with
-  one warning (``implementation=None``) or an error (``implementation="ffi"``)."""
-
-  def rule(ctx, *args, fallback, **params):
-    problem = _cuda_driver_problem()
-    if problem is None:
-      return native_rule(ctx, *args, fallback=fallback, **params)
+def _lowers_natively(ctx, op: _Op, platform: str | None, fallback: Callable | None) -> bool:
+  """Whether ``op`` lowers to its custom call for ``platform`` (True) or to ``fallback`` (False);
+  raises where the custom call cannot serve and there is no fallback. Every lowering of every
+  op decides here."""
+  if platform not in _TARGETS:
     if fallback is None:
-      raise RuntimeError(f"{op}: implementation='ffi' cannot run the CUDA kernels: {problem}. "
-                         "Use implementation=None or 'xla'.")
-    _warn_cuda_fallback(problem)
-    return fallback_rule(ctx, *args, fallback=fallback, **params)
+      raise NotImplementedError(
+          f"{op.name}: implementation='ffi' needs the native kernels for platform "
+          f"{'/'.join(ctx.module_context.platforms)}, but this flaxdcn build has them for: "
+          f"{', '.join(sorted(_TARGETS) or ['none'])}"
+          + (f" ({_IMPORT_ERROR})" if _IMPORT_ERROR else "")
+          + ". Use implementation=None (native where built, else 'xla') or 'xla'.")
+    return False
+  problem = _cuda_driver_problem() if platform == "cuda" else None
+  if problem is None:
+    return True
+  if fallback is None:
+    raise RuntimeError(f"{op.name}: implementation='ffi' cannot run the CUDA kernels: {problem}. "
+                       "Use implementation=None or 'xla'.")
+  _warn_cuda_fallback(problem)
+  return False
+
+
+def _batch_sharding_rule(ctx):
+  """``sdy.sharding_rule`` with one factor shared by the leading (batch) dimension of every operand
+  and result, and every other dimension a factor of its own that must stay replicated."""
+  letters = iter("abcdefghijklmopqrstuvwxyz")  # "n" is the batch factor
+  others: list[str] = []
+
+  def mapping(aval):
+    dims = [next(letters) for _ in aval.shape[1:]]
+    others.extend(dims)
+    return " ".join(["n", *dims])
+
+  lhs = ", ".join(mapping(a) for a in ctx.avals_in)
+  rhs = ", ".join(mapping(a) for a in ctx.avals_out)
+  rule = str_to_sdy_sharding_rule(f"{lhs} -> {rhs}", need_replication_factors=tuple(others))
+  types = lambda avals: [ir.RankedTensorType.get(a.shape, mlir.dtype_to_ir_type(a.dtype))
+                         for a in avals]
+  return sdy_sharding_rule_to_mlir(rule, types(ctx.avals_in), types(ctx.avals_out))
+
+
+def _present(op: _Op, operands):
+  return [None if i in op.optional and a.shape[-1] == 0 else a for i, a in enumerate(operands)]
+
+
+def _fallback_fwd(op, fallback, geometry):
+  return lambda *operands: fallback(*_present(op, operands), geometry)
+
+
+def _fallback_bwd(op, fallback, geometry):
+  def fn(grad, *operands):
+    def differentiable(*args):
+      args = iter(args)
+      return fallback(*_present(op, [a if i in op.nondiff else next(args)
+                                     for i, a in enumerate(operands)]), geometry)
+    _, vjp = jax.vjp(differentiable, *(a for i, a in enumerate(operands) if i not in op.nondiff))
+    return vjp(grad)
+  return fn
+
+
+def _lowering(op: _Op, backward: bool, platform: str | None):
+  """The lowering of ``op``'s forward (or backward) for ``platform`` (None: every platform
+  without a rule of its own)."""
+  prim = op.bwd if backward else op.fwd
+
+  def rule(ctx, *args, geometry, fallback, deterministic=None):
+    if not _lowers_natively(ctx, op, platform, fallback):
+      fn = (_fallback_bwd if backward else _fallback_fwd)(op, fallback, geometry)
+      return mlir.lower_fun(fn, multiple_results=backward)(ctx, *args)
+    extra = None
+    if op.batch_partitionable:
+      extra = {"mhlo.frontend_attributes": mlir.ir_attribute({"num_batch_dims": "1"})}
+      if jax.config.jax_use_shardy_partitioner and str_to_sdy_sharding_rule is not None:
+        extra["sdy.sharding_rule"] = _batch_sharding_rule(ctx)
+    attributes = op.attributes(geometry)
+    if backward:
+      attributes["deterministic"] = bool(deterministic)
+    return jax.ffi.ffi_lowering(prim.name, extra_attributes=extra)(ctx, *args, **attributes)
 
   return rule
 
 
-def _register_lowerings(prim: Primitive, target: str, attributes, fallback_rule,
-                        batch_partitionable: bool) -> None:
-  for platform in _TARGETS:
-    rule = _native_lowering(target, attributes, batch_partitionable)
-    if platform == "cuda":
-      rule = _cuda_checked(rule, fallback_rule, prim.name)
-    mlir.register_lowering(prim, rule, platform=platform)
-  mlir.register_lowering(prim, fallback_rule)  # every other platform
+def _batching(op: _Op, backward: bool):
+  prim = op.bwd if backward else op.fwd
+
+  def rule(args, dims, **params):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    if backward:  # the cotangent leads with the forward result's leading axis
+      args = [_fold(args[0], dims[0], size), *op.fold(args[1:], dims[1:], size, True)]
+    else:
+      args = op.fold(args, dims, size, False)
+    out = prim.bind(*args, **params)
+    if backward:
+      return [_unfold(o, size) for o in out], [0] * len(out)
+    return _unfold(out, size), 0
+
+  return rule
 
 
-def _fold(x, dim, size):
-  """Moves the vmapped axis (broadcasting an unbatched operand) to the front and merges it into
-  the leading axis: ``[B, N, ...] -> [B * N, ...]``."""
-  x = jnp.broadcast_to(x, (size,) + x.shape) if dim is None else jnp.moveaxis(x, dim, 0)
-  return x.reshape((size * x.shape[1],) + x.shape[2:])
+def _register(op: _Op) -> None:
+  def fwd_abstract(*operands, geometry, fallback):
+    del fallback
+    return op.abstract(*operands, geometry=geometry)
+
+  def bwd_abstract(grad, *operands, geometry, deterministic, fallback):
+    del grad, geometry, deterministic, fallback
+    return [_out_aval(a, a.shape) for i, a in enumerate(operands) if i not in op.nondiff]
+
+  op.fwd.def_abstract_eval(fwd_abstract)
+  op.bwd.def_abstract_eval(bwd_abstract)
+  for backward, prim in ((False, op.fwd), (True, op.bwd)):
+    batching.primitive_batchers[prim] = _batching(op, backward)
+    for platform in _TARGETS:
+      mlir.register_lowering(prim, _lowering(op, backward, platform), platform=platform)
+    mlir.register_lowering(prim, _lowering(op, backward, None))
 
 
-def _unfold(x, size):
-  return x.reshape((size, x.shape[0] // size) + x.shape[1:])
+for _op in _OPS:
+  _register(_op)
 
 
-# --- Deformable im2col ---------------------------------------------------------------------------
+# --- Differentiation and the entry points --------------------------------------------------------
 
-_im2col_p = _define(_IM2COL, multiple_results=False)
-_im2col_bwd_p = _define(_IM2COL_BWD, multiple_results=True)
-
-
-def _conv_attributes(geometry: ConvGeometry, **extra) -> dict[str, Any]:
-  (kh, kw), (sh, sw), (dh, dw) = geometry.kernel_size, geometry.strides, geometry.dilation
-  (ph, _), (pw, _) = geometry.padding
-  attrs = dict(kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw, pad_h=ph, pad_w=pw,
-               dilation_h=dh, dilation_w=dw, offset_groups=geometry.offset_groups)
-  return {k: np.int64(v) for k, v in attrs.items()} | extra
-
-
-def _im2col_abstract(inputs, offsets, mask, *, geometry, fallback):
-  del offsets, mask, fallback
-  n, _, _, channels = inputs.shape
-  return _out_aval(inputs, (n, *geometry.out_size, geometry.num_kernel_points, channels))
-
-
-def _im2col_bwd_abstract(grad_columns, inputs, offsets, mask, *, geometry, deterministic,
-                         fallback):
-  del grad_columns, geometry, deterministic, fallback
-  return [_out_aval(inputs, inputs.shape), _out_aval(offsets, offsets.shape),
-          _out_aval(mask, mask.shape)]
-
-
-def _mask_or_none(mask):
-  return None if mask.shape[-1] == 0 else mask
-
-
-def _im2col_fallback(ctx, inputs, offsets, mask, *, geometry, fallback):
-  if fallback is None:
-    raise _unavailable_error("deform_conv2d", ctx)
-
-  def fn(inputs, offsets, mask):
-    return fallback(inputs, offsets, _mask_or_none(mask), geometry)
-
-  return mlir.lower_fun(fn, multiple_results=False)(ctx, inputs, offsets, mask)
-
-
-def _im2col_bwd_fallback(ctx, grad_columns, inputs, offsets, mask, *, geometry, deterministic,
-                         fallback):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _apply(op: _Op, geometry, deterministic: bool, fallback, operands: tuple):
   del deterministic
-  if fallback is None:
-    raise _unavailable_error("deform_conv2d", ctx)
-
-  def fn(grad_columns, inputs, offsets, mask):
-    if mask.shape[-1] == 0:
-      _, vjp = jax.vjp(lambda x, o: fallback(x, o, None, geometry), inputs, offsets)
-      return (*vjp(grad_columns), jnp.zeros_like(mask))
-    _, vjp = jax.vjp(lambda x, o, m: fallback(x, o, m, geometry), inputs, offsets, mask)
-    return vjp(grad_columns)
-
-  return mlir.lower_fun(fn, multiple_results=True)(ctx, grad_columns, inputs, offsets, mask)
+  return op.fwd.bind(*operands, geometry=geometry, fallback=fallback)
 
 
-def _im2col_batch(args, dims, *, geometry, fallback):
-  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-  out = _im2col_p.bind(*(_fold(a, d, size) for a, d in zip(args, dims)), geometry=geometry,
-                       fallback=fallback)
-  return _unfold(out, size), 0
+def _apply_fwd(op, geometry, deterministic, fallback, operands):
+  return _apply(op, geometry, deterministic, fallback, operands), operands
 
 
-def _im2col_bwd_batch(args, dims, **params):
-  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-  outs = _im2col_bwd_p.bind(*(_fold(a, d, size) for a, d in zip(args, dims)), **params)
-  return [_unfold(o, size) for o in outs], [0, 0, 0]
+def _apply_bwd(op, geometry, deterministic, fallback, operands, grad):
+  grads = iter(op.bwd.bind(grad, *operands, geometry=geometry, deterministic=deterministic,
+                           fallback=fallback))
+  return (tuple(jnp.zeros_like(a) if i in op.nondiff else next(grads)
+                for i, a in enumerate(operands)),)
 
 
-_im2col_p.def_abstract_eval(_im2col_abstract)
-_im2col_bwd_p.def_abstract_eval(_im2col_bwd_abstract)
-batching.primitive_batchers[_im2col_p] = _im2col_batch
-batching.primitive_batchers[_im2col_bwd_p] = _im2col_bwd_batch
-_register_lowerings(_im2col_p, _IM2COL,
-                    lambda geometry, fallback: _conv_attributes(geometry),
-                    _im2col_fallback, batch_partitionable=True)
-_register_lowerings(_im2col_bwd_p, _IM2COL_BWD,
-                    lambda geometry, deterministic, fallback: _conv_attributes(
-                        geometry, deterministic=bool(deterministic)),
-                    _im2col_bwd_fallback, batch_partitionable=True)
+_apply.defvjp(_apply_fwd, _apply_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _im2col(inputs, offsets, mask, geometry, deterministic, fallback):
-  del deterministic
-  return _im2col_p.bind(inputs, offsets, mask, geometry=geometry, fallback=fallback)
+def _call(op: _Op, *operands, geometry, deterministic_backward: bool,
+          fallback: Callable | None) -> jax.Array:
+  """``op`` on ``operands`` (arguments already checked), differentiable in those not in
+  ``op.nondiff``.
 
-
-def _im2col_fwd(inputs, offsets, mask, geometry, deterministic, fallback):
-  out = _im2col(inputs, offsets, mask, geometry, deterministic, fallback)
-  return out, (inputs, offsets, mask)
-
-
-def _im2col_bwd(geometry, deterministic, fallback, residuals, grad_columns):
-  return tuple(_im2col_bwd_p.bind(grad_columns, *residuals, geometry=geometry,
-                                  deterministic=deterministic, fallback=fallback))
-
-
-_im2col.defvjp(_im2col_fwd, _im2col_bwd)
+  Args:
+    op: the row of ``_OPS``.
+    *operands: its operands, an empty last axis for an absent ``op.optional`` one.
+    geometry: the static (hashable) parameters.
+    deterministic_backward: the CUDA backward sums its scattered gradient in fixed point instead
+      of with float atomics (bitwise reproducible); the CPU backward always is.
+    fallback: ``fallback(*operands, geometry)`` (None for an absent optional operand), lowered on
+      platforms without native kernels; None (``implementation="ffi"``) makes those platforms
+      an error.
+  """
+  return _apply(op, geometry, bool(deterministic_backward), fallback, tuple(operands))
 
 
 def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
@@ -360,11 +463,7 @@ def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
     inputs: ``[N, H, W, C]`` in a floating dtype ``T``.
     offsets: ``[N, Ho, Wo, G * kh * kw * 2]`` in ``T``, channel order ``(g, i, j, (dy, dx))``.
     mask: ``[N, Ho, Wo, G * kh * kw]`` in ``T``, or None.
-    geometry: the static geometry.
-    deterministic_backward: the CUDA backward sums grad-inputs in fixed point instead of with
-      float atomics (bitwise reproducible); the CPU backward always is.
-    fallback: ``fallback(inputs, offsets, mask, geometry)``, lowered on platforms without native
-      kernels; None (``implementation="ffi"``) makes those platforms an error.
+    geometry, deterministic_backward, fallback: as in :func:`_call`.
 
   Returns:
     Columns ``[N, Ho, Wo, kh * kw, C]`` in ``T``; differentiable in ``inputs``, ``offsets`` and
@@ -372,171 +471,8 @@ def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
   """
   if mask is None:
     mask = jnp.zeros(offsets.shape[:3] + (0,), offsets.dtype)
-  return _im2col(inputs, offsets, mask, geometry, bool(deterministic_backward), fallback)
-
-
-# --- Deformable RoI pooling ----------------------------------------------------------------------
-
-_roi_pool_p = _define(_ROI_POOL, multiple_results=False)
-_roi_pool_bwd_p = _define(_ROI_POOL_BWD, multiple_results=True)
-
-
-def _roi_attributes(geometry: RoIPoolGeometry, **extra) -> dict[str, Any]:
-  return dict(spatial_scale=np.float64(geometry.spatial_scale),
-              sampling_ratio=np.int64(geometry.sampling_ratio),
-              gamma=np.float64(geometry.gamma)) | extra
-
-
-def _roi_pool_abstract(features, rois, offsets, *, geometry, fallback):
-  del fallback
-  return _out_aval(features, (rois.shape[0], *geometry.output_size, features.shape[-1]), rois)
-
-
-def _roi_pool_bwd_abstract(grad_pooled, features, rois, offsets, *, geometry, deterministic,
-                           fallback):
-  del grad_pooled, rois, geometry, deterministic, fallback
-  return [_out_aval(features, features.shape), _out_aval(offsets, offsets.shape)]
-
-
-def _offsets_or_none(offsets):
-  return None if offsets.shape[-1] == 0 else offsets
-
-
-def _roi_pool_fallback(ctx, features, rois, offsets, *, geometry, fallback):
-  if fallback is None:
-    raise _unavailable_error("deform_roi_pool", ctx)
-
-  def fn(features, rois, offsets):
-    return fallback(features, rois, _offsets_or_none(offsets), geometry)
-
-  return mlir.lower_fun(fn, multiple_results=False)(ctx, features, rois, offsets)
-
-
-def _roi_pool_bwd_fallback(ctx, grad_pooled, features, rois, offsets, *, geometry, deterministic,
-                           fallback):
-  del deterministic
-  if fallback is None:
-    raise _unavailable_error("deform_roi_pool", ctx)
-
-  def fn(grad_pooled, features, rois, offsets):
-    if offsets.shape[-1] == 0:
-      _, vjp = jax.vjp(lambda f: fallback(f, rois, None, geometry), features)
-      return (*vjp(grad_pooled), jnp.zeros_like(offsets))
-    _, vjp = jax.vjp(lambda f, o: fallback(f, rois, o, geometry), features, offsets)
-    return vjp(grad_pooled)
-
-  return mlir.lower_fun(fn, multiple_results=True)(ctx, grad_pooled, features, rois, offsets)
-
-
-def _fold_roi_operands(features, rois, offsets, dims, size, *, fold_features: bool):
-  """Folds the vmapped axis of a pooling call into the RoI axis (and, with ``fold_features``, into
-  the image axis, moving each member's RoI batch indices to its own images; invalid indices stay
-  invalid). Without ``fold_features`` the features must be unbatched and are shared."""
-  f_dim, r_dim, o_dim = dims
-  rois = _fold(rois, r_dim, size)
-  offsets = _fold(offsets, o_dim, size)
-  if not fold_features:
-    return features, rois, offsets
-  features = _fold(features, f_dim, size)
-  images = features.shape[0] // size
-  # Exact in float32 while size * images < 2^24.
-  index = rois[:, 0]
-  member = jnp.repeat(jnp.arange(size, dtype=rois.dtype), rois.shape[0] // size)
-  index = jnp.where((index > -1) & (index < images), jnp.trunc(index) + member * images, -1)
-  return features, rois.at[:, 0].set(index), offsets
-
-
-def _roi_pool_batch(args, dims, *, geometry, fallback):
-  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-  folded = _fold_roi_operands(*args, dims, size, fold_features=dims[0] is not None)
-  out = _roi_pool_p.bind(*folded, geometry=geometry, fallback=fallback)
-  return _unfold(out, size), 0
-
-
-def _roi_pool_bwd_batch(args, dims, **params):
-  grad_pooled, *operands = args
-  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-  # Each member needs its own grad-features, so shared features are folded (broadcast) too.
-  features, rois, offsets = _fold_roi_operands(*operands, dims[1:], size, fold_features=True)
-  grad_pooled = _fold(grad_pooled, dims[0], size)
-  outs = _roi_pool_bwd_p.bind(grad_pooled, features, rois, offsets, **params)
-  return [_unfold(o, size) for o in outs], [0, 0]
-
-
-_roi_pool_p.def_abstract_eval(_roi_pool_abstract)
-_roi_pool_bwd_p.def_abstract_eval(_roi_pool_bwd_abstract)
-batching.primitive_batchers[_roi_pool_p] = _roi_pool_batch
-batching.primitive_batchers[_roi_pool_bwd_p] = _roi_pool_bwd_batch
-_register_lowerings(_roi_pool_p, _ROI_POOL,
-                    lambda geometry, fallback: _roi_attributes(geometry),
-                    _roi_pool_fallback, batch_partitionable=False)
-_register_lowerings(_roi_pool_bwd_p, _ROI_POOL_BWD,
-                    lambda geometry, deterministic, fallback: _roi_attributes(
-                        geometry, deterministic=bool(deterministic)),
-                    _roi_pool_bwd_fallback, batch_partitionable=False)
-
-# Per-image RoIs: features [N, H, W, C], rois [N, Ri, 4], offsets [N, Ri, oh, ow, 2 or 0] ->
-# pooled [N, Ri, oh, ow, C]. The image axis leads everything, so vmap folds into it and the
-# custom call partitions by it, like the convolution's.
-_roi_pool_images_p = _define(_ROI_POOL_IMAGES, multiple_results=False)
-_roi_pool_images_bwd_p = _define(_ROI_POOL_IMAGES_BWD, multiple_results=True)
-
-
-def _roi_pool_images_abstract(features, rois, offsets, *, geometry, fallback):
-  del offsets, fallback
-  return _out_aval(features, (*rois.shape[:2], *geometry.output_size, features.shape[-1]))
-
-
-def _fold_all_batch(prim: Primitive, multiple_results: bool):
-  """The batching rule of a primitive whose operands and results all lead with the image axis:
-  the vmapped axis is folded into it."""
-
-  def rule(args, dims, **params):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    out = prim.bind(*(_fold(a, d, size) for a, d in zip(args, dims)), **params)
-    if multiple_results:
-      return [_unfold(o, size) for o in out], [0] * len(out)
-    return _unfold(out, size), 0
-
-  return rule
-
-
-_roi_pool_images_p.def_abstract_eval(_roi_pool_images_abstract)
-_roi_pool_images_bwd_p.def_abstract_eval(_roi_pool_bwd_abstract)
-batching.primitive_batchers[_roi_pool_images_p] = _fold_all_batch(_roi_pool_images_p, False)
-batching.primitive_batchers[_roi_pool_images_bwd_p] = _fold_all_batch(_roi_pool_images_bwd_p,
-                                                                      True)
-_register_lowerings(_roi_pool_images_p, _ROI_POOL_IMAGES,
-                    lambda geometry, fallback: _roi_attributes(geometry),
-                    _roi_pool_fallback, batch_partitionable=True)
-_register_lowerings(_roi_pool_images_bwd_p, _ROI_POOL_IMAGES_BWD,
-                    lambda geometry, deterministic, fallback: _roi_attributes(
-                        geometry, deterministic=bool(deterministic)),
-                    _roi_pool_bwd_fallback, batch_partitionable=True)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _roi_pool(features, rois, offsets, geometry, deterministic, fallback):
-  del deterministic
-  prim = _roi_pool_images_p if rois.ndim == 3 else _roi_pool_p
-  return prim.bind(features, rois, offsets, geometry=geometry, fallback=fallback)
-
-
-def _roi_pool_fwd(features, rois, offsets, geometry, deterministic, fallback):
-  out = _roi_pool(features, rois, offsets, geometry, deterministic, fallback)
-  return out, (features, rois, offsets)
-
-
-def _roi_pool_bwd(geometry, deterministic, fallback, residuals, grad_pooled):
-  features, rois, offsets = residuals
-  prim = _roi_pool_images_bwd_p if rois.ndim == 3 else _roi_pool_bwd_p
-  grad_features, grad_offsets = prim.bind(
-      grad_pooled, features, rois, offsets, geometry=geometry, deterministic=deterministic,
-      fallback=fallback)
-  return grad_features, jnp.zeros_like(rois), grad_offsets  # RoIs are not differentiated
-
-
-_roi_pool.defvjp(_roi_pool_fwd, _roi_pool_bwd)
+  return _call(_IM2COL, inputs, offsets, mask, geometry=geometry,
+               deterministic_backward=deterministic_backward, fallback=fallback)
 
 
 def deform_roi_pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | None,
@@ -551,11 +487,7 @@ def deform_roi_pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | N
       zeros), in the compute dtype of ``T`` (float64 for float64, else float32); not
       differentiated.
     offsets: ``[R, oh, ow, 2]`` (per image ``[N, Ri, oh, ow, 2]``) ``(dy, dx)`` in ``T``, or None.
-    geometry: the static parameters.
-    deterministic_backward: the CUDA backward sums grad-features in fixed point instead of with
-      float atomics (bitwise reproducible); the CPU backward always is.
-    fallback: ``fallback(features, rois, offsets, geometry)``, lowered on platforms without native
-      kernels; None (``implementation="ffi"``) makes those platforms an error.
+    geometry, deterministic_backward, fallback: as in :func:`_call`.
 
   Returns:
     ``[R, oh, ow, C]`` (per image ``[N, Ri, oh, ow, C]``) in ``T``; differentiable in
@@ -566,138 +498,9 @@ def deform_roi_pool(features: jax.Array, rois: jax.Array, offsets: jax.Array | N
                     f"{features.dtype} features, got {rois.dtype}.")
   if offsets is None:
     offsets = jnp.zeros((*rois.shape[:-1], *geometry.output_size, 0), features.dtype)
-  return _roi_pool(features, rois, offsets, geometry, bool(deterministic_backward), fallback)
-
-
-# --- DCNv3 / DCNv4 -------------------------------------------------------------------------------
-# Fused sampling summed over points: inputs [N, H, W, C] and DCNv3's offsets + mask (or DCNv4's
-# offset_mask) -> out [N, Ho, Wo, C]. Every operand and result leads with the image axis, so vmap
-# folds into it and the custom calls partition by it, like the convolution's.
-
-_DCNV3 = "flaxdcn_dcnv3"
-_DCNV3_BWD = "flaxdcn_dcnv3_bwd"
-_DCNV4 = "flaxdcn_dcnv4"
-_DCNV4_BWD = "flaxdcn_dcnv4_bwd"
-
-if _native is not None:
-  for _name in (_DCNV3, _DCNV3_BWD, _DCNV4, _DCNV4_BWD):
-    jax.ffi.register_ffi_target_as_batch_partitionable(_name)
-
-_dcnv3_p = _define(_DCNV3, multiple_results=False)
-_dcnv3_bwd_p = _define(_DCNV3_BWD, multiple_results=True)
-_dcnv4_p = _define(_DCNV4, multiple_results=False)
-_dcnv4_bwd_p = _define(_DCNV4_BWD, multiple_results=True)
-
-
-def _dcnv3_attributes(geometry, **extra) -> dict[str, Any]:
-  conv = geometry.conv
-  (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.strides, conv.dilation
-  (ph, _), (pw, _) = conv.padding
-  attrs = dict(kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw, pad_h=ph, pad_w=pw,
-               dilation_h=dh, dilation_w=dw, groups=geometry.groups)
-  return ({k: np.int64(v) for k, v in attrs.items()}
-          | dict(offset_scale=np.float64(geometry.offset_scale),
-                 remove_center=bool(geometry.remove_center)) | extra)
-
-
-def _dcnv3_abstract(inputs, *sampling, geometry, fallback):
-  del sampling, fallback
-  return _out_aval(inputs, (inputs.shape[0], *geometry.conv.out_size, inputs.shape[-1]))
-
-
-def _dcnv3_bwd_abstract(grad_out, inputs, *sampling, geometry, deterministic, fallback):
-  del grad_out, geometry, deterministic, fallback
-  return [_out_aval(inputs, inputs.shape)] + [_out_aval(a, a.shape) for a in sampling]
-
-
-def _dcnv3_fallback(op: str):
-  def rule(ctx, *args, geometry, fallback):
-    if fallback is None:
-      raise _unavailable_error(op, ctx)
-    fn = lambda *a: fallback(*a, geometry)
-    return mlir.lower_fun(fn, multiple_results=False)(ctx, *args)
-  return rule
-
-
-def _dcnv3_bwd_fallback(op: str):
-  def rule(ctx, grad_out, *primals, geometry, deterministic, fallback):
-    del deterministic
-    if fallback is None:
-      raise _unavailable_error(op, ctx)
-
-    def fn(grad_out, *primals):
-      _, vjp = jax.vjp(lambda *a: fallback(*a, geometry), *primals)
-      return vjp(grad_out)
-
-    return mlir.lower_fun(fn, multiple_results=True)(ctx, grad_out, *primals)
-  return rule
-
-
-def _fold_leading(prim: Primitive):
-  """Batching rule of a primitive whose operands and results all lead with the image axis."""
-
-  def rule(args, dims, **params):
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    out = prim.bind(*(_fold(a, d, size) for a, d in zip(args, dims)), **params)
-    if prim.multiple_results:
-      return [_unfold(o, size) for o in out], [0] * len(out)
-    return _unfold(out, size), 0
-
-  return rule
-
-
-for _fwd_p, _bwd_p, _fwd_target, _bwd_target, _op in (
-    (_dcnv3_p, _dcnv3_bwd_p, _DCNV3, _DCNV3_BWD, "dcnv3"),
-    (_dcnv4_p, _dcnv4_bwd_p, _DCNV4, _DCNV4_BWD, "dcnv4")):
-  _fwd_p.def_abstract_eval(_dcnv3_abstract)
-  _bwd_p.def_abstract_eval(_dcnv3_bwd_abstract)
-  batching.primitive_batchers[_fwd_p] = _fold_leading(_fwd_p)
-  batching.primitive_batchers[_bwd_p] = _fold_leading(_bwd_p)
-  _register_lowerings(_fwd_p, _fwd_target,
-                      lambda geometry, fallback: _dcnv3_attributes(geometry),
-                      _dcnv3_fallback(_op), batch_partitionable=True)
-  _register_lowerings(_bwd_p, _bwd_target,
-                      lambda geometry, deterministic, fallback: _dcnv3_attributes(
-                          geometry, deterministic=bool(deterministic)),
-                      _dcnv3_bwd_fallback(_op), batch_partitionable=True)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _dcnv3(inputs, offsets, mask, geometry, deterministic, fallback):
-  del deterministic
-  return _dcnv3_p.bind(inputs, offsets, mask, geometry=geometry, fallback=fallback)
-
-
-def _dcnv3_fwd(inputs, offsets, mask, geometry, deterministic, fallback):
-  return (_dcnv3(inputs, offsets, mask, geometry, deterministic, fallback),
-          (inputs, offsets, mask))
-
-
-def _dcnv3_vjp(geometry, deterministic, fallback, residuals, grad_out):
-  return tuple(_dcnv3_bwd_p.bind(grad_out, *residuals, geometry=geometry,
-                                 deterministic=deterministic, fallback=fallback))
-
-
-_dcnv3.defvjp(_dcnv3_fwd, _dcnv3_vjp)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _dcnv4(inputs, offset_mask, geometry, deterministic, fallback):
-  del deterministic
-  return _dcnv4_p.bind(inputs, offset_mask, geometry=geometry, fallback=fallback)
-
-
-def _dcnv4_fwd(inputs, offset_mask, geometry, deterministic, fallback):
-  return (_dcnv4(inputs, offset_mask, geometry, deterministic, fallback),
-          (inputs, offset_mask))
-
-
-def _dcnv4_vjp(geometry, deterministic, fallback, residuals, grad_out):
-  return tuple(_dcnv4_bwd_p.bind(grad_out, *residuals, geometry=geometry,
-                                 deterministic=deterministic, fallback=fallback))
-
-
-_dcnv4.defvjp(_dcnv4_fwd, _dcnv4_vjp)
+  return _call(_ROI_POOL_IMAGES if rois.ndim == 3 else _ROI_POOL, features, rois, offsets,
+               geometry=geometry, deterministic_backward=deterministic_backward,
+               fallback=fallback)
 
 
 def dcnv3(inputs: jax.Array, offsets: jax.Array, mask: jax.Array, geometry, *,
@@ -709,19 +512,18 @@ def dcnv3(inputs: jax.Array, offsets: jax.Array, mask: jax.Array, geometry, *,
     offsets: ``[N, Ho, Wo, G * P * 2]`` in ``T``, channel order ``(g, p, (dx, dy))``.
     mask: ``[N, Ho, Wo, G * P]`` in ``T``.
     geometry: the static :class:`~flaxdcn._geometry.Dcnv3Geometry`.
-    deterministic_backward: the CUDA backward sums grad-inputs in fixed point instead of with
-      float atomics (bitwise reproducible); the CPU backward always is.
-    fallback: ``fallback(inputs, offsets, mask, geometry)``, lowered on platforms without native
-      kernels; None (``implementation="ffi"``) makes those platforms an error.
+    deterministic_backward, fallback: as in :func:`_call`.
 
   Returns:
     ``[N, Ho, Wo, C]`` in ``T``; differentiable in all three arguments.
   """
-  return _dcnv3(inputs, offsets, mask, geometry, bool(deterministic_backward), fallback)
+  return _call(_DCNV3, inputs, offsets, mask, geometry=geometry,
+               deterministic_backward=deterministic_backward, fallback=fallback)
 
 
 def dcnv4(inputs: jax.Array, offset_mask: jax.Array, geometry, *, deterministic_backward: bool,
           fallback: Callable | None) -> jax.Array:
   """DCNv4 by the fused native kernels: :func:`dcnv3` with ``offset_mask [N, Ho, Wo, D]`` (its
-  padding channels get zero gradient); ``fallback(inputs, offset_mask, geometry)``."""
-  return _dcnv4(inputs, offset_mask, geometry, bool(deterministic_backward), fallback)
+  padding channels get zero gradient)."""
+  return _call(_DCNV4, inputs, offset_mask, geometry=geometry,
+               deterministic_backward=deterministic_backward, fallback=fallback)

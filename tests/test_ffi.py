@@ -20,7 +20,7 @@ import pytest
 
 import flaxdcn
 from flaxdcn import _ffi
-from flaxdcn._geometry import ConvGeometry, RoIPoolGeometry
+from flaxdcn._geometry import ConvGeometry, Dcnv3Geometry, RoIPoolGeometry
 from flaxdcn.ops import _xla_conv
 from flaxdcn.ops import _xla_roi_pool
 from tolerances import assert_close
@@ -589,9 +589,95 @@ def test_roi_pool_per_image_handler_checks_shapes():
   features = jnp.ones((2, 4, 4, 3))
   with pytest.raises(Exception, match=r"flaxdcn_deform_roi_pool: rois has shape \[2, 4, 4\], "
                                       r"expected \[2, 3, 4\]"):
-    jax.block_until_ready(_ffi._roi_pool_images_p.bind(
+    jax.block_until_ready(_ffi._ROI_POOL_IMAGES.fwd.bind(
         features, jnp.zeros((2, 4, 4)), jnp.zeros((2, 3, 2, 2, 2)), geometry=geometry,
         fallback=None))
+
+
+# --- The op table --------------------------------------------------------------------------------
+
+def table_case(op, lead, seed=20):
+  """Float32 operands of one call of the table row ``op`` over 2 images, each with the extra
+  leading axes ``lead`` (to be vmapped), and the row's geometry."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=(*lead, *shape)), jnp.float32)
+  if op.target == "flaxdcn_deform_im2col":
+    geometry = ConvGeometry.create((5, 4), (3, 2), (1, 1), 1, (1, 1), 2, fn="test")
+    ho, wo = geometry.out_size
+    return geometry, [normal(2, 5, 4, 4), normal(2, ho, wo, 24), normal(2, ho, wo, 12)]
+  if op.target.startswith("flaxdcn_deform_roi_pool"):
+    geometry = RoIPoolGeometry((5, 6), (2, 2), 1.0, 2, 0.1)
+    boxes = np.array([[0.5, 0.2, 4.5, 3.9], [1.0, 1.5, 5.5, 4.0], [2.0, 0.0, 3.0, 4.8]])
+    boxes = jnp.asarray(boxes + 0.3 * rng.uniform(size=(*lead, 2, 3, 4)), jnp.float32)
+    features, offsets = normal(2, 5, 6, 3), normal(2, 3, 2, 2, 2)
+    if op.target == "flaxdcn_deform_roi_pool_images":
+      return geometry, [features, boxes, offsets]
+    # Rows of both images, and an index (2) past the images: invalid in every vmap member.
+    index = jnp.broadcast_to(jnp.asarray([[0.0], [1.0], [2.0]]), (*lead, 3, 1))
+    rows = jnp.concatenate([index, boxes[..., 0, :, :]], axis=-1)
+    return geometry, [features, rows, offsets[..., 0, :, :, :, :]]
+  assert op.target in ("flaxdcn_dcnv3", "flaxdcn_dcnv4"), f"no case for the row {op.target}"
+  geometry = Dcnv3Geometry(ConvGeometry.create((5, 5), (3, 3), (1, 1), 1, (1, 1), 2, fn="test"),
+                           0.8, True)
+  inputs, points = normal(2, 5, 5, 4), 2 * geometry.num_points
+  if op.target == "flaxdcn_dcnv4":
+    return geometry, [inputs, normal(2, 5, 5, geometry.offset_mask_channels)]
+  return geometry, [inputs, normal(2, 5, 5, points * 2), normal(2, 5, 5, points)]
+
+
+def table_call(op, geometry):
+  return lambda *operands: _ffi._call(op, *operands, geometry=geometry,
+                                      deterministic_backward=False, fallback=None)
+
+
+def table_value_and_grad(op, geometry, operands):
+  loss = lambda *operands: jnp.sum(jnp.sin(table_call(op, geometry)(*operands)))
+  return jax.value_and_grad(loss, argnums=tuple(i for i in range(len(operands))
+                                                if i not in op.nondiff))
+
+
+OPS = [pytest.param(op, id=op.target) for op in _ffi._OPS]
+
+
+def test_table_covers_the_native_targets():
+  """Every target the native module hands out is a row's forward or backward."""
+  rows = {name for op in _ffi._OPS for name in (op.target, op.target + "_bwd")}
+  assert set(_ffi._TARGETS["cpu"]) <= rows
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_table_row_lowers_to_its_targets(op):
+  """Forward and backward lower to the row's two custom calls, which carry the batch-partitioning
+  attributes exactly when the row partitions by batch; such a row's operands and result all lead
+  with the image axis (here 2 images; the ``[R, 5]`` form's 3 RoIs do not)."""
+  assert {op.target, op.target + "_bwd"} <= set(_ffi._TARGETS["cpu"])
+  geometry, operands = table_case(op, ())
+  result = jax.eval_shape(table_call(op, geometry), *operands)
+  assert op.batch_partitionable == ({a.shape[0] for a in (*operands, result)} == {2})
+  text = jax.jit(table_value_and_grad(op, geometry, operands)).lower(*operands).as_text()
+  for target in (op.target, op.target + "_bwd"):
+    calls = [line for line in text.splitlines() if f"custom_call @{target}(" in line]
+    assert len(calls) == 1, text
+    assert ('num_batch_dims = "1"' in calls[0]) == op.batch_partitionable, calls[0]
+    assert ("sdy.sharding_rule" in calls[0]) == op.batch_partitionable, calls[0]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["batched", "first-shared"])
+@pytest.mark.parametrize("op", OPS)
+def test_table_row_vmap_of_vmap(op, shared):
+  """vmap of vmap of every row's forward and gradient equals one call per member; with
+  ``first-shared`` the inner vmap shares the first operand (features / inputs)."""
+  geometry, operands = table_case(op, (2, 3))
+  if shared:
+    operands[0] = operands[0][:, 0]
+  inner = (None if shared else 0,) + (0,) * (len(operands) - 1)
+  for fn in (table_call(op, geometry), table_value_and_grad(op, geometry, operands)):
+    nested = jax.jit(jax.vmap(jax.vmap(fn, in_axes=inner)))(*operands)
+    for i, j in np.ndindex(2, 3):
+      member = [a[i] if shared and k == 0 else a[i, j] for k, a in enumerate(operands)]
+      want = jax.jit(fn)(*member)
+      for got, expected in zip(jax.tree_util.tree_leaves(nested), jax.tree_util.tree_leaves(want)):
+        assert_close(got[i, j], expected, jnp.float32, err_msg=f"{op.target} member {i, j}")
 
 
 # --- CUDA ----------------------------------------------------------------------------------------
