@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
+from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike
 
-from flaxdcn._geometry import PaddingLike
 from flaxdcn.linen._common import flatten_batch
 from flaxdcn.ops.dcnv3 import dcnv3, dcnv4
 
 Array = jax.Array
-Dtype = Any
-Initializer = Any
 
 #: InternImage initialises ``input_proj`` / ``value_proj`` and ``output_proj`` with
 #: ``xavier_uniform_`` and zero biases.
@@ -104,7 +101,7 @@ class DCNv3(nn.Module):
   remove_center: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
-  precision: Any = None
+  precision: PrecisionLike = None
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = nn.initializers.zeros_init()
   implementation: str | None = None
@@ -220,7 +217,7 @@ class DCNv4(nn.Module):
   without_pointwise: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
-  precision: Any = None
+  precision: PrecisionLike = None
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = nn.initializers.zeros_init()
   implementation: str | None = None

@@ -3,21 +3,18 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
+from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike
 
-from flaxdcn._geometry import PaddingLike
 from flaxdcn._module_common import flatten_batch
 from flaxdcn.nnx._common import check_channels, sow
 from flaxdcn.ops.dcnv3 import dcnv3, dcnv4
 
 Array = jax.Array
-Dtype = Any
-Initializer = Any
 
 default_kernel_init = nnx.initializers.xavier_uniform()
 default_bias_init = nnx.initializers.zeros_init()
@@ -74,7 +71,7 @@ class DCNv3(nnx.Module):
                offset_scale: float = 1.0, dw_kernel_size: int | None = None,
                center_feature_scale: bool = False, remove_center: bool = False,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               precision: Any = None, kernel_init: Initializer = default_kernel_init,
+               precision: PrecisionLike = None, kernel_init: Initializer = default_kernel_init,
                bias_init: Initializer = default_bias_init, implementation: str | None = None,
                deterministic_backward: bool = False, rngs: nnx.Rngs):
     c, g, p = in_features, group_count, _points(kernel_size, remove_center)
@@ -158,7 +155,7 @@ class DCNv4(nnx.Module):
                center_feature_scale: bool = False, remove_center: bool = False,
                output_bias: bool = True, without_pointwise: bool = False,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               precision: Any = None, kernel_init: Initializer = default_kernel_init,
+               precision: PrecisionLike = None, kernel_init: Initializer = default_kernel_init,
                bias_init: Initializer = default_bias_init, implementation: str | None = None,
                deterministic_backward: bool = False, rngs: nnx.Rngs):
     c, g, p = in_features, group_count, _points(kernel_size, remove_center)

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
+from flax.typing import Dtype, Initializer, PrecisionLike
 
 from flaxdcn._geometry import pair
 from flaxdcn.nnx._common import check_channels
 from flaxdcn.ops.roi_pool import deform_roi_pool
 
 Array = jax.Array
-Dtype = Any
-Initializer = Any
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
@@ -39,7 +37,7 @@ class _DeformRoIPoolBase(nnx.Module):
       deform_fc_channels: int = 1024,
       dtype: Dtype | None = None,
       param_dtype: Dtype = jnp.float32,
-      precision: Any = None,
+      precision: PrecisionLike = None,
       kernel_init: Initializer = default_kernel_init,
       bias_init: Initializer = default_bias_init,
       implementation: str | None = None,

@@ -6,9 +6,10 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+from flax.typing import PaddingLike
 
 from flaxdcn import _ffi
-from flaxdcn._geometry import (ConvGeometry, Dcnv3Geometry, PaddingLike, check_implementation,
+from flaxdcn._geometry import (ConvGeometry, Dcnv3Geometry, check_implementation,
                                pair, result_dtype, shape_error)
 from flaxdcn.ops import _xla_dcnv3
 
