@@ -119,6 +119,10 @@ class DeformConv(_DeformConvBase):
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.deform_conv2d`).
     deterministic_backward: bitwise-reproducible native CUDA backward (see
       :func:`flaxdcn.deform_conv2d`).
+
+  References:
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
 
@@ -160,6 +164,12 @@ class ModulatedDeformConv(_DeformConvBase):
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.deform_conv2d`).
     deterministic_backward: bitwise-reproducible native CUDA backward (see
       :func:`flaxdcn.deform_conv2d`).
+
+  References:
+    - Zhu et al., `Deformable ConvNets v2: More Deformable, Better Results
+      <https://arxiv.org/abs/1811.11168>`_, CVPR 2019.
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
   modulated = True

@@ -88,6 +88,10 @@ class DCNv3(nn.Module):
     bias_init: initialiser of their biases.
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.dcnv3`).
     deterministic_backward: bitwise-reproducible native CUDA backward.
+
+  References:
+    - Wang et al., `InternImage: Exploring Large-Scale Vision Foundation Models with Deformable
+      Convolutions <https://arxiv.org/abs/2211.05778>`_, CVPR 2023.
   """
 
   kernel_size: int = 3
@@ -202,6 +206,12 @@ class DCNv4(nn.Module):
     bias_init: initialiser of their biases.
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.dcnv4`).
     deterministic_backward: bitwise-reproducible native CUDA backward.
+
+  References:
+    - Xiong et al., `Efficient Deformable ConvNets: Rethinking Dynamic and Sparse Operator for
+      Vision Applications <https://arxiv.org/abs/2401.06197>`_, CVPR 2024.
+    - Wang et al., `InternImage: Exploring Large-Scale Vision Foundation Models with Deformable
+      Convolutions <https://arxiv.org/abs/2211.05778>`_, CVPR 2023.
   """
 
   kernel_size: int = 3

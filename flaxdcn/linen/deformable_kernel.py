@@ -118,6 +118,10 @@ class GlobalDeformableKernel(_DeformableKernelBase):
     scope_size: int or ``(Sh, Sw)``, at least ``kernel_size`` (default: ``kernel_size``).
     implementation: ``None`` or ``"xla"``; ``"ffi"`` raises, as there is no native Deformable
       Kernels kernel (see :func:`flaxdcn.deformable_kernel_conv2d`).
+
+  References:
+    - Gao et al., `Deformable Kernels: Adapting Effective Receptive Fields for Object
+      Deformation <https://arxiv.org/abs/1910.02940>`_, ICLR 2020.
   """
 
 
@@ -160,6 +164,10 @@ class LocalDeformableKernel(_DeformableKernelBase):
     scope_size: int or ``(Sh, Sw)``, at least ``kernel_size`` (default: ``kernel_size``).
     implementation: ``None`` or ``"xla"``; ``"ffi"`` raises, as there is no native Deformable
       Kernels kernel (see :func:`flaxdcn.deformable_kernel_conv2d`).
+
+  References:
+    - Gao et al., `Deformable Kernels: Adapting Effective Receptive Fields for Object
+      Deformation <https://arxiv.org/abs/1910.02940>`_, ICLR 2020.
   """
 
   local = True

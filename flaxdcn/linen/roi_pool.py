@@ -142,6 +142,10 @@ class DeformRoIPool(_DeformRoIPoolBase):
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.deform_roi_pool`).
     deterministic_backward: bitwise-reproducible native CUDA backward (see
       :func:`flaxdcn.deform_roi_pool`).
+
+  References:
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
 
@@ -192,6 +196,12 @@ class ModulatedDeformRoIPool(_DeformRoIPoolBase):
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.deform_roi_pool`).
     deterministic_backward: bitwise-reproducible native CUDA backward (see
       :func:`flaxdcn.deform_roi_pool`).
+
+  References:
+    - Zhu et al., `Deformable ConvNets v2: More Deformable, Better Results
+      <https://arxiv.org/abs/1811.11168>`_, CVPR 2019.
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
   modulated = True

@@ -163,6 +163,10 @@ class DeformConv(_DeformConvBase):
       (the zero-initialised offset head carries none).
     bias_metadata: metadata of the ``bias`` ``nnx.Param``.
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
 
@@ -213,6 +217,12 @@ class ModulatedDeformConv(_DeformConvBase):
       (the zero-initialised offset head carries none).
     bias_metadata: metadata of the ``bias`` ``nnx.Param``.
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Zhu et al., `Deformable ConvNets v2: More Deformable, Better Results
+      <https://arxiv.org/abs/1811.11168>`_, CVPR 2019.
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
   modulated = True

@@ -164,6 +164,10 @@ class GlobalDeformableKernel(_DeformableKernelBase):
       none).
     bias_metadata: metadata of the ``bias`` ``nnx.Param``.
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Gao et al., `Deformable Kernels: Adapting Effective Receptive Fields for Object
+      Deformation <https://arxiv.org/abs/1910.02940>`_, ICLR 2020.
   """
 
 
@@ -212,6 +216,10 @@ class LocalDeformableKernel(_DeformableKernelBase):
       none).
     bias_metadata: metadata of the ``bias`` ``nnx.Param``.
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Gao et al., `Deformable Kernels: Adapting Effective Receptive Fields for Object
+      Deformation <https://arxiv.org/abs/1910.02940>`_, ICLR 2020.
   """
 
   local = True

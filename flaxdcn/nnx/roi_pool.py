@@ -159,6 +159,10 @@ class DeformRoIPool(_DeformRoIPoolBase):
     deterministic_backward: bitwise-reproducible native CUDA backward (see
       :func:`flaxdcn.deform_roi_pool`).
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
 
@@ -206,6 +210,12 @@ class ModulatedDeformRoIPool(_DeformRoIPoolBase):
     deterministic_backward: bitwise-reproducible native CUDA backward (see
       :func:`flaxdcn.deform_roi_pool`).
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Zhu et al., `Deformable ConvNets v2: More Deformable, Better Results
+      <https://arxiv.org/abs/1811.11168>`_, CVPR 2019.
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
   modulated = True

@@ -89,6 +89,12 @@ def deform_conv2d(
     ValueError: wrong rank or shape of an argument, channel counts not divisible by the groups,
       a bad padding spec or an empty output.
     TypeError: a non-floating argument.
+
+  References:
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
+    - Zhu et al., `Deformable ConvNets v2: More Deformable, Better Results
+      <https://arxiv.org/abs/1811.11168>`_, CVPR 2019.
   """
   check_implementation(implementation, fn=_FN)
   dtype = result_dtype(_FN, inputs=inputs, offsets=offsets, kernel=kernel, mask=mask, bias=bias)

@@ -123,6 +123,10 @@ def deformable_kernel_conv2d(
       counts not divisible by the groups, a bad padding spec or an empty output.
     TypeError: a non-floating argument.
     NotImplementedError: ``implementation="ffi"``.
+
+  References:
+    - Gao et al., `Deformable Kernels: Adapting Effective Receptive Fields for Object
+      Deformation <https://arxiv.org/abs/1910.02940>`_, ICLR 2020.
   """
   check_implementation(implementation, fn=_FN)
   if implementation == "ffi":
