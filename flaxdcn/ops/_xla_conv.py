@@ -1,8 +1,8 @@
 """Pure-jnp deformable sampling (``implementation="xla"``): offsets + bilinear + mask -> columns.
 
-Runs anywhere XLA runs. The structure follows DESIGN §3: a cheap *plan* (corner indices and
-bilinear weights, once per (position, kernel point, offset group), in the compute dtype) and a
-*gather* of contiguous channel vectors weighted by the plan. The gather has its own VJP (weight
+Runs anywhere XLA runs. The structure follows docs/implementations.md: a cheap *plan* (corner
+indices and bilinear weights, once per (position, kernel point, offset group), in the compute
+dtype) and a *gather* of contiguous channel vectors weighted by the plan. The gather has its own VJP (weight
 gradients by channel reductions, input gradient by one scatter-add), so XLA never differentiates
 through the gather index arithmetic; gradients reach offsets and mask through the plan by plain AD.
 
