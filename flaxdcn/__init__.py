@@ -1,4 +1,9 @@
-"""flaxdcn: deformable convolution, deformable RoI pooling and Deformable Kernels for JAX/Flax."""
+"""flaxdcn: deformable convolution (DCNv1, DCNv2), deformable RoI pooling, Deformable Kernels,
+DCNv3 and DCNv4 for JAX and Flax: the functional ops and the Flax linen modules.
+
+The NNX modules are in :mod:`flaxdcn.nnx`, the PyTorch checkpoint converters in
+:mod:`flaxdcn.convert`.
+"""
 
 from flaxdcn._ffi import build_info as build_info
 from flaxdcn.linen.conv import DeformConv as DeformConv

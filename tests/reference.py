@@ -1,4 +1,5 @@
-"""An independent NumPy float64 loop reference of ``flaxdcn.deform_conv2d`` (DESIGN §2).
+"""An independent NumPy float64 loop reference of ``flaxdcn.deform_conv2d`` (the contract of
+docs/ops/deform_conv.md).
 
 Written from the contract, not from the library: explicit loops over batch, output position,
 offset group and kernel point; the bilinear rule spelled out corner by corner; channels of one
@@ -13,7 +14,8 @@ import numpy as np
 
 
 def bilinear(image: np.ndarray, h: float, w: float) -> np.ndarray:
-  """Bilinear read of ``image [H, W, C]`` at ``(h, w)`` with the zero-padding rule of DESIGN §2.
+  """Bilinear read of ``image [H, W, C]`` at ``(h, w)`` with the zero-padding rule of
+  docs/ops/deform_conv.md.
 
   0 when ``h <= -1``, ``h >= H``, ``w <= -1`` or ``w >= W`` (also for NaN); otherwise each of the
   four neighbouring pixels contributes only if it lies inside the image.
@@ -58,7 +60,7 @@ def pair(v):
 
 def deform_conv2d(inputs, offsets, kernel, mask=None, bias=None, *, strides=1, padding="VALID",
                   kernel_dilation=1, feature_group_count=1, offset_group_count=1) -> np.ndarray:
-  """Loop reference of DESIGN §2's ``deform_conv2d`` in float64.
+  """Loop reference of ``deform_conv2d`` (docs/ops/deform_conv.md) in float64.
 
   Args:
     inputs: ``[N, H, W, C]``.

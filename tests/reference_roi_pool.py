@@ -1,4 +1,5 @@
-"""A loop reference for deformable RoI pooling, written from mmcv's semantics (DESIGN §2).
+"""A loop reference for deformable RoI pooling, written from mmcv's semantics
+(docs/ops/roi_pool.md).
 
 NumPy, float64, one sample at a time: the oracle the jnp and native implementations are tested
 against. It follows mmcv's ``deform_roi_pool`` kernel statement by statement in the channels-last

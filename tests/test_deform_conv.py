@@ -1,4 +1,5 @@
-"""``flaxdcn.deform_conv2d`` against the loop reference of tests/reference.py and DESIGN §2.
+"""``flaxdcn.deform_conv2d`` against the loop reference of tests/reference.py and
+docs/ops/deform_conv.md.
 
 Every test takes the ``implementation`` fixture, so the native path is covered once it is built.
 """

@@ -89,7 +89,7 @@ def im2col_vjp(implementation, inputs, offsets, mask, geometry, cotangent, deter
 
 
 def loop_im2col(inputs, offsets, mask, geometry):
-  """NumPy float64 loop of the sampling contract (DESIGN §2)."""
+  """NumPy float64 loop of the sampling contract (docs/ops/deform_conv.md)."""
   n, height, width, channels = inputs.shape
   (ho, wo), (kh, kw) = geometry.out_size, geometry.kernel_size
   (sh, sw), (dh, dw), groups = geometry.strides, geometry.dilation, geometry.offset_groups
@@ -368,7 +368,7 @@ def test_multidevice_subprocess():
 # --- Deformable RoI pooling ----------------------------------------------------------------------
 
 def loop_roi_pool(features, rois, offsets, geometry):
-  """NumPy float64 loop of mmcv's DeformRoIPool (DESIGN §2)."""
+  """NumPy float64 loop of mmcv's DeformRoIPool (docs/ops/roi_pool.md)."""
   n, height, width, channels = features.shape
   oh, ow = geometry.output_size
   out = np.zeros((len(rois), oh, ow, channels))

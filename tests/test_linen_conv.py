@@ -1,5 +1,6 @@
 """``flaxdcn.DeformConv`` and ``flaxdcn.ModulatedDeformConv`` against ``flax.linen.Conv``, the
-loop reference and DESIGN §2 (zero-initialised offset head, parameter layout, dtypes)."""
+loop reference and the contract of docs/ops/deform_conv.md and docs/modules.md
+(zero-initialised offset head, parameter layout, dtypes)."""
 
 import flax.linen as nn
 import jax

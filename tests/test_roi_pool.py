@@ -1,4 +1,5 @@
-"""``deform_roi_pool`` against the loop reference of tests/reference_roi_pool.py and DESIGN §2.
+"""``deform_roi_pool`` against the loop reference of tests/reference_roi_pool.py and
+docs/ops/roi_pool.md.
 
 Core tests take the ``implementation`` fixture, so the native path is covered once it is built.
 """

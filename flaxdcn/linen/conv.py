@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
+from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike
 
-from flaxdcn._geometry import PaddingLike
 from flaxdcn.linen._common import flatten_batch, kernel_and_bias, spatial_pair
 from flaxdcn.ops.deform_conv import deform_conv2d
 
 Array = jax.Array
-Dtype = Any
-Initializer = Any
 
 default_kernel_init = nn.initializers.lecun_normal()
 
@@ -34,7 +31,7 @@ class _DeformConvBase(nn.Module):
   use_bias: bool = True
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
-  precision: Any = None
+  precision: PrecisionLike = None
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = nn.initializers.zeros_init()
   offset_group_count: int = 1
@@ -122,6 +119,10 @@ class DeformConv(_DeformConvBase):
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.deform_conv2d`).
     deterministic_backward: bitwise-reproducible native CUDA backward (see
       :func:`flaxdcn.deform_conv2d`).
+
+  References:
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
 
@@ -163,6 +164,12 @@ class ModulatedDeformConv(_DeformConvBase):
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.deform_conv2d`).
     deterministic_backward: bitwise-reproducible native CUDA backward (see
       :func:`flaxdcn.deform_conv2d`).
+
+  References:
+    - Zhu et al., `Deformable ConvNets v2: More Deformable, Better Results
+      <https://arxiv.org/abs/1811.11168>`_, CVPR 2019.
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
   modulated = True

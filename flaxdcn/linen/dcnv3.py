@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
+from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike
 
-from flaxdcn._geometry import PaddingLike
 from flaxdcn.linen._common import flatten_batch
 from flaxdcn.ops.dcnv3 import dcnv3, dcnv4
 
 Array = jax.Array
-Dtype = Any
-Initializer = Any
 
 #: InternImage initialises ``input_proj`` / ``value_proj`` and ``output_proj`` with
 #: ``xavier_uniform_`` and zero biases.
@@ -91,6 +88,10 @@ class DCNv3(nn.Module):
     bias_init: initialiser of their biases.
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.dcnv3`).
     deterministic_backward: bitwise-reproducible native CUDA backward.
+
+  References:
+    - Wang et al., `InternImage: Exploring Large-Scale Vision Foundation Models with Deformable
+      Convolutions <https://arxiv.org/abs/2211.05778>`_, CVPR 2023.
   """
 
   kernel_size: int = 3
@@ -104,7 +105,7 @@ class DCNv3(nn.Module):
   remove_center: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
-  precision: Any = None
+  precision: PrecisionLike = None
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = nn.initializers.zeros_init()
   implementation: str | None = None
@@ -205,6 +206,12 @@ class DCNv4(nn.Module):
     bias_init: initialiser of their biases.
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.dcnv4`).
     deterministic_backward: bitwise-reproducible native CUDA backward.
+
+  References:
+    - Xiong et al., `Efficient Deformable ConvNets: Rethinking Dynamic and Sparse Operator for
+      Vision Applications <https://arxiv.org/abs/2401.06197>`_, CVPR 2024.
+    - Wang et al., `InternImage: Exploring Large-Scale Vision Foundation Models with Deformable
+      Convolutions <https://arxiv.org/abs/2211.05778>`_, CVPR 2023.
   """
 
   kernel_size: int = 3
@@ -220,7 +227,7 @@ class DCNv4(nn.Module):
   without_pointwise: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
-  precision: Any = None
+  precision: PrecisionLike = None
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = nn.initializers.zeros_init()
   implementation: str | None = None

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
+from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike
 
-from flaxdcn._geometry import PaddingLike
 from flaxdcn.linen._common import flatten_batch, kernel_and_bias, spatial_pair
 from flaxdcn.ops.deformable_kernel import deformable_kernel_conv2d
 
 Array = jax.Array
-Dtype = Any
-Initializer = Any
 
 default_kernel_init = nn.initializers.lecun_normal()
 
@@ -35,7 +32,7 @@ class _DeformableKernelBase(nn.Module):
   use_bias: bool = True
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
-  precision: Any = None
+  precision: PrecisionLike = None
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = nn.initializers.zeros_init()
   scope_size: int | Sequence[int] | None = None
@@ -121,6 +118,10 @@ class GlobalDeformableKernel(_DeformableKernelBase):
     scope_size: int or ``(Sh, Sw)``, at least ``kernel_size`` (default: ``kernel_size``).
     implementation: ``None`` or ``"xla"``; ``"ffi"`` raises, as there is no native Deformable
       Kernels kernel (see :func:`flaxdcn.deformable_kernel_conv2d`).
+
+  References:
+    - Gao et al., `Deformable Kernels: Adapting Effective Receptive Fields for Object
+      Deformation <https://arxiv.org/abs/1910.02940>`_, ICLR 2020.
   """
 
 
@@ -163,6 +164,10 @@ class LocalDeformableKernel(_DeformableKernelBase):
     scope_size: int or ``(Sh, Sw)``, at least ``kernel_size`` (default: ``kernel_size``).
     implementation: ``None`` or ``"xla"``; ``"ffi"`` raises, as there is no native Deformable
       Kernels kernel (see :func:`flaxdcn.deformable_kernel_conv2d`).
+
+  References:
+    - Gao et al., `Deformable Kernels: Adapting Effective Receptive Fields for Object
+      Deformation <https://arxiv.org/abs/1910.02940>`_, ICLR 2020.
   """
 
   local = True

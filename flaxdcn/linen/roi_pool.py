@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
+from flax.typing import Dtype, Initializer, PrecisionLike
 
 from flaxdcn._geometry import pair
 from flaxdcn.ops.roi_pool import deform_roi_pool
 
 Array = jax.Array
-Dtype = Any
-Initializer = Any
 
 default_kernel_init = nn.initializers.lecun_normal()
 
@@ -31,7 +29,7 @@ class _DeformRoIPoolBase(nn.Module):
   deform_fc_channels: int = 1024
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
-  precision: Any = None
+  precision: PrecisionLike = None
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = nn.initializers.zeros_init()
   implementation: str | None = None
@@ -144,6 +142,10 @@ class DeformRoIPool(_DeformRoIPoolBase):
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.deform_roi_pool`).
     deterministic_backward: bitwise-reproducible native CUDA backward (see
       :func:`flaxdcn.deform_roi_pool`).
+
+  References:
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
 
@@ -194,6 +196,12 @@ class ModulatedDeformRoIPool(_DeformRoIPoolBase):
     implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.deform_roi_pool`).
     deterministic_backward: bitwise-reproducible native CUDA backward (see
       :func:`flaxdcn.deform_roi_pool`).
+
+  References:
+    - Zhu et al., `Deformable ConvNets v2: More Deformable, Better Results
+      <https://arxiv.org/abs/1811.11168>`_, CVPR 2019.
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
   modulated = True

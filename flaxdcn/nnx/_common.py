@@ -7,11 +7,12 @@ from typing import Any
 
 import jax
 from flax import nnx
+from flax.typing import Dtype, Initializer
 
 
 def kernel_and_bias(module: nnx.Module, spatial: tuple[int, int], in_features: int,
                     out_features: int, *, feature_group_count: int, use_bias: bool,
-                    param_dtype: Any, kernel_init: Any, bias_init: Any,
+                    param_dtype: Dtype, kernel_init: Initializer, bias_init: Initializer,
                     kernel_metadata: Mapping[str, Any], bias_metadata: Mapping[str, Any],
                     rngs: nnx.Rngs) -> tuple[nnx.Param, Any]:
   """The ``kernel [*spatial, in_features // feature_group_count, out_features]`` and

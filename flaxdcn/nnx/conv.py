@@ -10,15 +10,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
+from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike, PromoteDtypeFn
 
-from flaxdcn._geometry import PaddingLike
 from flaxdcn._module_common import flatten_batch, spatial_pair
 from flaxdcn.nnx._common import check_channels, kernel_and_bias, sow
 from flaxdcn.ops.deform_conv import deform_conv2d
 
 Array = jax.Array
-Dtype = Any
-Initializer = Any
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
@@ -43,13 +41,13 @@ class _DeformConvBase(nnx.Module):
       use_bias: bool = True,
       dtype: Dtype | None = None,
       param_dtype: Dtype = jnp.float32,
-      precision: Any = None,
+      precision: PrecisionLike = None,
       kernel_init: Initializer = default_kernel_init,
       bias_init: Initializer = default_bias_init,
       offset_group_count: int = 1,
       implementation: str | None = None,
       deterministic_backward: bool = False,
-      promote_dtype: Any = dtypes.promote_dtype,
+      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       rngs: nnx.Rngs,
@@ -165,6 +163,10 @@ class DeformConv(_DeformConvBase):
       (the zero-initialised offset head carries none).
     bias_metadata: metadata of the ``bias`` ``nnx.Param``.
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
 
@@ -215,6 +217,12 @@ class ModulatedDeformConv(_DeformConvBase):
       (the zero-initialised offset head carries none).
     bias_metadata: metadata of the ``bias`` ``nnx.Param``.
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Zhu et al., `Deformable ConvNets v2: More Deformable, Better Results
+      <https://arxiv.org/abs/1811.11168>`_, CVPR 2019.
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
   modulated = True

@@ -3,21 +3,18 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
+from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike
 
-from flaxdcn._geometry import PaddingLike
 from flaxdcn._module_common import flatten_batch
 from flaxdcn.nnx._common import check_channels, sow
 from flaxdcn.ops.dcnv3 import dcnv3, dcnv4
 
 Array = jax.Array
-Dtype = Any
-Initializer = Any
 
 default_kernel_init = nnx.initializers.xavier_uniform()
 default_bias_init = nnx.initializers.zeros_init()
@@ -62,11 +59,28 @@ class DCNv3(nnx.Module):
 
   Args:
     in_features: the channels ``C`` of the input and the output (InternImage's ``channels``).
-    kernel_size, strides, padding, kernel_dilation, group_count, offset_scale, dw_kernel_size,
-      center_feature_scale, remove_center, dtype, param_dtype, precision, kernel_init,
-      bias_init, implementation, deterministic_backward: as the attributes of
-      :class:`flaxdcn.DCNv3`.
+    kernel_size: the sampling kernel ``k`` (``k x k``; default 3).
+    strides: stride of the sampling (default 1); the output must keep the input resolution.
+    padding: padding of the sampling (default 1; any :func:`flaxdcn.dcnv3` form).
+    kernel_dilation: dilation of the sampling kernel (default 1).
+    group_count: ``G`` (default 4); ``in_features`` must be divisible by it.
+    offset_scale: scale of the kernel grid and offsets around the kernel centre (default 1).
+    dw_kernel_size: kernel of the depthwise conv ``dw_conv`` (None: ``kernel_size``).
+    center_feature_scale: blend the output with ``input_proj``'s by a learned sigmoid gate per
+      group, computed from the depthwise branch.
+    remove_center: sample without the kernel centre (odd ``kernel_size``).
+    dtype: the dtype of the computation (default: inferred from inputs and params).
+    param_dtype: the dtype of the parameters (default float32).
+    precision: precision of the linear layers and the depthwise conv.
+    kernel_init: initialiser of the ``input_proj`` / ``output_proj`` kernels.
+    bias_init: initialiser of their biases.
+    implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.dcnv3`).
+    deterministic_backward: bitwise-reproducible native CUDA backward.
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Wang et al., `InternImage: Exploring Large-Scale Vision Foundation Models with Deformable
+      Convolutions <https://arxiv.org/abs/2211.05778>`_, CVPR 2023.
   """
 
   def __init__(self, in_features: int, kernel_size: int = 3, strides: int = 1, *,
@@ -74,7 +88,7 @@ class DCNv3(nnx.Module):
                offset_scale: float = 1.0, dw_kernel_size: int | None = None,
                center_feature_scale: bool = False, remove_center: bool = False,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               precision: Any = None, kernel_init: Initializer = default_kernel_init,
+               precision: PrecisionLike = None, kernel_init: Initializer = default_kernel_init,
                bias_init: Initializer = default_bias_init, implementation: str | None = None,
                deterministic_backward: bool = False, rngs: nnx.Rngs):
     c, g, p = in_features, group_count, _points(kernel_size, remove_center)
@@ -145,11 +159,33 @@ class DCNv4(nnx.Module):
 
   Args:
     in_features: the channels ``C`` of the input and the output (DCNv4's ``channels``).
-    kernel_size, strides, padding, kernel_dilation, group_count, offset_scale, dw_kernel_size,
-      center_feature_scale, remove_center, output_bias, without_pointwise, dtype, param_dtype,
-      precision, kernel_init, bias_init, implementation, deterministic_backward: as the
-      attributes of :class:`flaxdcn.DCNv4`.
+    kernel_size: the sampling kernel ``k`` (``k x k``; default 3).
+    strides: stride of the sampling (default 1); the output must keep the input resolution.
+    padding: padding of the sampling (default 1; any :func:`flaxdcn.dcnv4` form).
+    kernel_dilation: dilation of the sampling kernel (default 1).
+    group_count: ``G`` (default 4); ``in_features`` must be divisible by it.
+    offset_scale: scale of the kernel grid and offsets around the kernel centre (default 1).
+    dw_kernel_size: kernel of the depthwise conv ``offset_mask_dw`` before ``offset_mask``
+      (None: no depthwise conv, as in DCNv4).
+    center_feature_scale: blend the op's output with ``value_proj``'s by a learned sigmoid gate
+      per group, computed from the op's output (as DCNv4 does).
+    remove_center: sample without the kernel centre (odd ``kernel_size``).
+    output_bias: whether ``output_proj`` has a bias.
+    without_pointwise: no ``value_proj`` / ``output_proj``: the op alone, with its offset head.
+    dtype: the dtype of the computation (default: inferred from inputs and params).
+    param_dtype: the dtype of the parameters (default float32).
+    precision: precision of the linear layers and the depthwise conv.
+    kernel_init: initialiser of the ``value_proj`` / ``output_proj`` kernels.
+    bias_init: initialiser of their biases.
+    implementation: ``None``, ``"xla"`` or ``"ffi"`` (see :func:`flaxdcn.dcnv4`).
+    deterministic_backward: bitwise-reproducible native CUDA backward.
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Xiong et al., `Efficient Deformable ConvNets: Rethinking Dynamic and Sparse Operator for
+      Vision Applications <https://arxiv.org/abs/2401.06197>`_, CVPR 2024.
+    - Wang et al., `InternImage: Exploring Large-Scale Vision Foundation Models with Deformable
+      Convolutions <https://arxiv.org/abs/2211.05778>`_, CVPR 2023.
   """
 
   def __init__(self, in_features: int, kernel_size: int = 3, strides: int = 1, *,
@@ -158,7 +194,7 @@ class DCNv4(nnx.Module):
                center_feature_scale: bool = False, remove_center: bool = False,
                output_bias: bool = True, without_pointwise: bool = False,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
-               precision: Any = None, kernel_init: Initializer = default_kernel_init,
+               precision: PrecisionLike = None, kernel_init: Initializer = default_kernel_init,
                bias_init: Initializer = default_bias_init, implementation: str | None = None,
                deterministic_backward: bool = False, rngs: nnx.Rngs):
     c, g, p = in_features, group_count, _points(kernel_size, remove_center)

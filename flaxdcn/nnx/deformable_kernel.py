@@ -10,15 +10,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
+from flax.typing import Dtype, Initializer, PaddingLike, PrecisionLike, PromoteDtypeFn
 
-from flaxdcn._geometry import PaddingLike
 from flaxdcn._module_common import flatten_batch, spatial_pair
 from flaxdcn.nnx._common import check_channels, kernel_and_bias, sow
 from flaxdcn.ops.deformable_kernel import deformable_kernel_conv2d
 
 Array = jax.Array
-Dtype = Any
-Initializer = Any
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
@@ -44,12 +42,12 @@ class _DeformableKernelBase(nnx.Module):
       use_bias: bool = True,
       dtype: Dtype | None = None,
       param_dtype: Dtype = jnp.float32,
-      precision: Any = None,
+      precision: PrecisionLike = None,
       kernel_init: Initializer = default_kernel_init,
       bias_init: Initializer = default_bias_init,
       scope_size: int | Sequence[int] | None = None,
       implementation: str | None = None,
-      promote_dtype: Any = dtypes.promote_dtype,
+      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
       kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
       bias_metadata: Mapping[str, Any] = MappingProxyType({}),
       rngs: nnx.Rngs,
@@ -166,6 +164,10 @@ class GlobalDeformableKernel(_DeformableKernelBase):
       none).
     bias_metadata: metadata of the ``bias`` ``nnx.Param``.
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Gao et al., `Deformable Kernels: Adapting Effective Receptive Fields for Object
+      Deformation <https://arxiv.org/abs/1910.02940>`_, ICLR 2020.
   """
 
 
@@ -214,6 +216,10 @@ class LocalDeformableKernel(_DeformableKernelBase):
       none).
     bias_metadata: metadata of the ``bias`` ``nnx.Param``.
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Gao et al., `Deformable Kernels: Adapting Effective Receptive Fields for Object
+      Deformation <https://arxiv.org/abs/1910.02940>`_, ICLR 2020.
   """
 
   local = True

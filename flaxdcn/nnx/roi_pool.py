@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
+from flax.typing import Dtype, Initializer, PrecisionLike
 
 from flaxdcn._geometry import pair
 from flaxdcn.nnx._common import check_channels
 from flaxdcn.ops.roi_pool import deform_roi_pool
 
 Array = jax.Array
-Dtype = Any
-Initializer = Any
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
@@ -39,7 +37,7 @@ class _DeformRoIPoolBase(nnx.Module):
       deform_fc_channels: int = 1024,
       dtype: Dtype | None = None,
       param_dtype: Dtype = jnp.float32,
-      precision: Any = None,
+      precision: PrecisionLike = None,
       kernel_init: Initializer = default_kernel_init,
       bias_init: Initializer = default_bias_init,
       implementation: str | None = None,
@@ -161,6 +159,10 @@ class DeformRoIPool(_DeformRoIPoolBase):
     deterministic_backward: bitwise-reproducible native CUDA backward (see
       :func:`flaxdcn.deform_roi_pool`).
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
 
@@ -208,6 +210,12 @@ class ModulatedDeformRoIPool(_DeformRoIPoolBase):
     deterministic_backward: bitwise-reproducible native CUDA backward (see
       :func:`flaxdcn.deform_roi_pool`).
     rngs: the random number generators of the parameter initialisers.
+
+  References:
+    - Zhu et al., `Deformable ConvNets v2: More Deformable, Better Results
+      <https://arxiv.org/abs/1811.11168>`_, CVPR 2019.
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
   """
 
   modulated = True

@@ -1,10 +1,11 @@
 """Pure-jnp deformable sampling (``implementation="xla"``): offsets + bilinear + mask -> columns.
 
-Runs anywhere XLA runs. The structure follows DESIGN §3: a cheap *plan* (corner indices and
-bilinear weights, once per (position, kernel point, offset group), in the compute dtype) and a
-*gather* of contiguous channel vectors weighted by the plan. The gather has its own VJP (weight
-gradients by channel reductions, input gradient by one scatter-add), so XLA never differentiates
-through the gather index arithmetic; gradients reach offsets and mask through the plan by plain AD.
+Runs anywhere XLA runs. The structure follows docs/implementations.md: a cheap *plan* (corner
+indices and bilinear weights, once per (position, kernel point, offset group), in the compute
+dtype) and a *gather* of contiguous channel vectors weighted by the plan. The gather has its own
+VJP (weight gradients by channel reductions, input gradient by one scatter-add), so XLA never
+differentiates through the gather index arithmetic; gradients reach offsets and mask through the
+plan by plain AD.
 
 Boundary rule: the image is padded by one zero pixel on every side, so a corner at row -1 or row H
 (column -1 or W) reads 0; a sample with ``h <= -1 or h >= H or w <= -1 or w >= W`` (NaN included)

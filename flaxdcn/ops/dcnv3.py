@@ -6,9 +6,10 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+from flax.typing import PaddingLike
 
 from flaxdcn import _ffi
-from flaxdcn._geometry import (ConvGeometry, Dcnv3Geometry, PaddingLike, check_implementation,
+from flaxdcn._geometry import (ConvGeometry, Dcnv3Geometry, check_implementation,
                                pair, result_dtype, shape_error)
 from flaxdcn.ops import _xla_dcnv3
 
@@ -92,6 +93,10 @@ def dcnv3(
     ValueError: wrong rank or shape of an argument, channels not divisible by the groups, an
       even kernel with ``remove_center``, a bad padding spec or an empty output.
     TypeError: a non-floating argument, or a non-real ``offset_scale``.
+
+  References:
+    - Wang et al., `InternImage: Exploring Large-Scale Vision Foundation Models with Deformable
+      Convolutions <https://arxiv.org/abs/2211.05778>`_, CVPR 2023.
   """
   fn = "dcnv3"
   check_implementation(implementation, fn=fn)
@@ -153,14 +158,32 @@ def dcnv4(
   Args:
     inputs: ``[N, H, W, C]``.
     offset_mask: ``[N, Ho, Wo, D]`` as above.
-    kernel_size, strides, padding, kernel_dilation, group_count, offset_scale, remove_center,
-      implementation, deterministic_backward: as in :func:`dcnv3`.
+    kernel_size: ``kh`` or ``(kh, kw)``; both odd with ``remove_center``.
+    strides: int or ``(sh, sw)``.
+    padding: as in :func:`dcnv3`.
+    kernel_dilation: int or ``(dh, dw)``.
+    group_count: ``G``; ``C`` must be divisible by it.
+    offset_scale: ``s``, a Python float (static).
+    remove_center: skip the kernel centre (odd kernels only).
+    implementation: ``None`` (the native kernels where they were built for the platform, else
+      ``"xla"``), ``"xla"`` (pure jnp) or ``"ffi"`` (native; an error where it is not built).
+    deterministic_backward: make the native CUDA backward bitwise reproducible (no float
+      atomics; slower). The native CPU kernels are always deterministic.
 
   Returns:
-    ``[N, Ho, Wo, C]`` in the promoted dtype of the arguments.
+    ``[N, Ho, Wo, C]`` in the promoted dtype of the arguments. Sampling coordinates and
+    accumulation are float32 (float64 for float64 inputs).
 
   Raises:
-    ValueError, TypeError: as :func:`dcnv3`.
+    ValueError: wrong rank or shape of an argument, channels not divisible by the groups, an
+      even kernel with ``remove_center``, a bad padding spec or an empty output.
+    TypeError: a non-floating argument, or a non-real ``offset_scale``.
+
+  References:
+    - Xiong et al., `Efficient Deformable ConvNets: Rethinking Dynamic and Sparse Operator for
+      Vision Applications <https://arxiv.org/abs/2401.06197>`_, CVPR 2024.
+    - Wang et al., `InternImage: Exploring Large-Scale Vision Foundation Models with Deformable
+      Convolutions <https://arxiv.org/abs/2211.05778>`_, CVPR 2023.
   """
   fn = "dcnv4"
   check_implementation(implementation, fn=fn)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
+from flax.typing import PaddingLike, PrecisionLike
 from jax import lax
 
 from flaxdcn import _ffi
-from flaxdcn._geometry import (ConvGeometry, PaddingLike, check_implementation, compute_dtype,
+from flaxdcn._geometry import (ConvGeometry, check_implementation, compute_dtype,
                                pair, result_dtype, shape_error)
 from flaxdcn.ops import _xla_conv
 
@@ -28,7 +27,7 @@ def deform_conv2d(
     kernel_dilation: int | tuple[int, int] = 1,
     feature_group_count: int = 1,
     offset_group_count: int = 1,
-    precision: Any = None,
+    precision: PrecisionLike = None,
     implementation: str | None = None,
     deterministic_backward: bool = False,
 ) -> jax.Array:
@@ -90,6 +89,12 @@ def deform_conv2d(
     ValueError: wrong rank or shape of an argument, channel counts not divisible by the groups,
       a bad padding spec or an empty output.
     TypeError: a non-floating argument.
+
+  References:
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
+    - Zhu et al., `Deformable ConvNets v2: More Deformable, Better Results
+      <https://arxiv.org/abs/1811.11168>`_, CVPR 2019.
   """
   check_implementation(implementation, fn=_FN)
   dtype = result_dtype(_FN, inputs=inputs, offsets=offsets, kernel=kernel, mask=mask, bias=bias)
@@ -122,7 +127,7 @@ def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
                             deterministic_backward=deterministic_backward, fallback=fallback)
 
 
-def columns_matmul(columns: jax.Array, kernel: jax.Array, groups: int, precision: Any
+def columns_matmul(columns: jax.Array, kernel: jax.Array, groups: int, precision: PrecisionLike
                     ) -> jax.Array:
   """``[N, Ho, Wo, K, C] x [kh, kw, C // F, O] -> [N, Ho, Wo, O]``, one GEMM per feature group."""
   # Each reshape splits or merges one group of non-batch axes, which explicit sharding accepts.

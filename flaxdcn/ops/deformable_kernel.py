@@ -17,13 +17,13 @@ Two algorithms, both pure jnp, both built on the bilinear plan of :mod:`flaxdcn.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax.typing import PaddingLike, PrecisionLike
 from jax import lax
 
-from flaxdcn._geometry import (ConvGeometry, PaddingLike, check_implementation, compute_dtype,
+from flaxdcn._geometry import (ConvGeometry, check_implementation, compute_dtype,
                                pair, result_dtype, shape_error)
 from flaxdcn.ops import _xla_conv
 from flaxdcn.ops.deform_conv import columns_matmul
@@ -46,7 +46,7 @@ def deformable_kernel_conv2d(
     padding: PaddingLike = "VALID",
     kernel_dilation: int | tuple[int, int] = 1,
     feature_group_count: int = 1,
-    precision: Any = None,
+    precision: PrecisionLike = None,
     implementation: str | None = None,
 ) -> jax.Array:
   r"""Deformable Kernels convolution, channels last (global or local DK).
@@ -123,6 +123,10 @@ def deformable_kernel_conv2d(
       counts not divisible by the groups, a bad padding spec or an empty output.
     TypeError: a non-floating argument.
     NotImplementedError: ``implementation="ffi"``.
+
+  References:
+    - Gao et al., `Deformable Kernels: Adapting Effective Receptive Fields for Object
+      Deformation <https://arxiv.org/abs/1910.02940>`_, ICLR 2020.
   """
   check_implementation(implementation, fn=_FN)
   if implementation == "ffi":
@@ -191,7 +195,7 @@ def scope_plan(offsets: jax.Array, kernel_size: tuple[int, int], scope_size: tup
 
 
 def _global_conv(columns: jax.Array, offsets: jax.Array, kernel: jax.Array,
-                 kernel_size: tuple[int, int], groups: int, precision: Any) -> jax.Array:
+                 kernel_size: tuple[int, int], groups: int, precision: PrecisionLike) -> jax.Array:
   """One kernel per image: resample it from the scope, then a batched GEMM with the columns."""
   n, ho, wo, k, channels = columns.shape
   s_h, s_w, group_in, out_features = kernel.shape
@@ -217,7 +221,7 @@ def _global_conv(columns: jax.Array, offsets: jax.Array, kernel: jax.Array,
 
 
 def _local_conv(columns: jax.Array, offsets: jax.Array, kernel: jax.Array,
-                kernel_size: tuple[int, int], groups: int, precision: Any) -> jax.Array:
+                kernel_size: tuple[int, int], groups: int, precision: PrecisionLike) -> jax.Array:
   """One kernel per position, by whichever of the two algorithms needs fewer multiply-adds."""
   s_h, s_w, group_in, out_features = kernel.shape
   index, weight = scope_plan(offsets.astype(compute_dtype(columns.dtype)), kernel_size,

@@ -117,6 +117,12 @@ def deform_roi_pool(
     ValueError: wrong rank or shape of an argument, or a bad ``output_size``, ``spatial_scale``,
       ``sampling_ratio`` or ``gamma``.
     TypeError: non-floating ``features``, ``offsets`` or ``mask``; non-real ``rois``.
+
+  References:
+    - Dai et al., `Deformable Convolutional Networks
+      <https://arxiv.org/abs/1703.06211>`_, ICCV 2017.
+    - Zhu et al., `Deformable ConvNets v2: More Deformable, Better Results
+      <https://arxiv.org/abs/1811.11168>`_, CVPR 2019.
   """
   check_implementation(implementation, fn=_FN)
   dtype = result_dtype(_FN, features=features, offsets=offsets, mask=mask)
