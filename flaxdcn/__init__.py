@@ -13,6 +13,7 @@ from flaxdcn.ops.dcnv3 import dcnv3 as dcnv3
 from flaxdcn.ops.dcnv3 import dcnv4 as dcnv4
 from flaxdcn.ops.deform_conv import deform_conv2d as deform_conv2d
 from flaxdcn.ops.deformable_kernel import deformable_kernel_conv2d as deformable_kernel_conv2d
+from flaxdcn.ops.ms_deform_attn import ms_deform_attn as ms_deform_attn
 from flaxdcn.ops.roi_pool import deform_roi_pool as deform_roi_pool
 
 __version__ = "0.1.0"
