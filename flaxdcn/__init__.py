@@ -7,6 +7,7 @@ from flaxdcn.linen.dcnv3 import DCNv4 as DCNv4
 from flaxdcn.linen.conv import ModulatedDeformConv as ModulatedDeformConv
 from flaxdcn.linen.deformable_kernel import GlobalDeformableKernel as GlobalDeformableKernel
 from flaxdcn.linen.deformable_kernel import LocalDeformableKernel as LocalDeformableKernel
+from flaxdcn.linen.ms_deform_attn import MSDeformAttn as MSDeformAttn
 from flaxdcn.linen.roi_pool import DeformRoIPool as DeformRoIPool
 from flaxdcn.linen.roi_pool import ModulatedDeformRoIPool as ModulatedDeformRoIPool
 from flaxdcn.ops.dcnv3 import dcnv3 as dcnv3

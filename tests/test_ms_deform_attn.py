@@ -1,8 +1,8 @@
 """``flaxdcn.ms_deform_attn`` against the float64 loop reference of tests/reference_msda.py
 (written from issue 17's semantics).
 
-Tests that take the ``msda_implementation`` fixture run on every implementation; ``"ffi"`` is
-skipped while flaxdcn has no native ``ms_deform_attn`` kernels (and
+Tests that take the ``msda_implementation`` fixture (tests/conftest.py) run on every
+implementation; ``"ffi"`` is skipped while flaxdcn has no native ``ms_deform_attn`` kernels (and
 :func:`test_ffi_without_native_kernels_raises` checks that it then raises).
 """
 
@@ -25,14 +25,6 @@ from reference_msda import MsdaCase
 from tolerances import assert_close
 
 NATIVE = msda_module._NATIVE_OP is not None  # pylint: disable=protected-access
-
-
-@pytest.fixture
-def msda_implementation(implementation):
-  if implementation == "ffi" and not NATIVE:
-    pytest.skip("flaxdcn has no native ms_deform_attn kernels yet (implementation='ffi' raises: "
-                "test_ffi_without_native_kernels_raises)")
-  return implementation
 
 
 #: Odd level shapes down to 1 x 1, H != W, D from 1 to 33, M and P of 1.
