@@ -12,12 +12,14 @@ from flaxdcn.linen.dcnv3 import DCNv4 as DCNv4
 from flaxdcn.linen.conv import ModulatedDeformConv as ModulatedDeformConv
 from flaxdcn.linen.deformable_kernel import GlobalDeformableKernel as GlobalDeformableKernel
 from flaxdcn.linen.deformable_kernel import LocalDeformableKernel as LocalDeformableKernel
+from flaxdcn.linen.ms_deform_attn import MSDeformAttn as MSDeformAttn
 from flaxdcn.linen.roi_pool import DeformRoIPool as DeformRoIPool
 from flaxdcn.linen.roi_pool import ModulatedDeformRoIPool as ModulatedDeformRoIPool
 from flaxdcn.ops.dcnv3 import dcnv3 as dcnv3
 from flaxdcn.ops.dcnv3 import dcnv4 as dcnv4
 from flaxdcn.ops.deform_conv import deform_conv2d as deform_conv2d
 from flaxdcn.ops.deformable_kernel import deformable_kernel_conv2d as deformable_kernel_conv2d
+from flaxdcn.ops.ms_deform_attn import ms_deform_attn as ms_deform_attn
 from flaxdcn.ops.roi_pool import deform_roi_pool as deform_roi_pool
 
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -190,3 +191,66 @@ class Dcnv3Geometry:
     """``D``: the ``G * P * 3`` channels of DCNv4's ``offset_mask``, rounded up to a multiple
     of 8."""
     return -(-self.groups * self.num_points * 3 // 8) * 8
+
+
+@dataclasses.dataclass(frozen=True)
+class MsDeformAttnGeometry:
+  """Static parameters of one multi-scale deformable attention (hashable: a static argument).
+
+  ``spatial_shapes`` are the ``L`` levels' ``(H_l, W_l)``. Level ``l`` occupies rows
+  ``[level_start_index[l], level_start_index[l] + H_l * W_l)`` of the value, row-major ``(h, w)``;
+  a location ``(x, y)`` on it is read at pixel ``(h, w) = (y * H_l - 0.5, x * W_l - 0.5)``
+  (``grid_sample``'s ``align_corners=False``).
+  """
+  spatial_shapes: tuple[tuple[int, int], ...]
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.spatial_shapes)
+
+  @property
+  def level_sizes(self) -> tuple[int, ...]:
+    """``H_l * W_l`` of each level."""
+    return tuple(h * w for h, w in self.spatial_shapes)
+
+  @property
+  def level_start_index(self) -> tuple[int, ...]:
+    """The first value row of each level (Deformable DETR's ``level_start_index``)."""
+    return tuple(int(s) for s in np.cumsum((0,) + self.level_sizes[:-1]))
+
+  @property
+  def num_values(self) -> int:
+    """``S = sum_l H_l * W_l``."""
+    return sum(self.level_sizes)
+
+  @classmethod
+  def create(cls, spatial_shapes: Any, *, fn: str) -> "MsDeformAttnGeometry":
+    """Checks ``spatial_shapes`` (static ``(H_l, W_l)`` ints: a sequence of pairs or an integer
+    numpy array ``[L, 2]``).
+
+    Raises:
+      TypeError: a traced array, or sizes that are not integers.
+      ValueError: not ``L >= 1`` pairs, or a size below 1.
+    """
+    if isinstance(spatial_shapes, jax.core.Tracer):
+      raise TypeError(
+          f"{fn}: spatial_shapes must be static Python ints (a tuple or list of (H, W) pairs, or "
+          f"a numpy int array), got a traced array: the level sizes fix the "
+          "shapes of the computation, so they cannot be jit arguments. Pass them as a tuple, or "
+          "mark them static (jax.jit(..., static_argnames=...) with a tuple).")
+    try:
+      array = np.asarray(spatial_shapes)
+    except ValueError as e:  # ragged nesting
+      raise ValueError(f"{fn}: spatial_shapes must be L pairs (H, W), got "
+                       f"{spatial_shapes!r}.") from e
+    if array.size and array.dtype.kind in "fcb":
+      raise TypeError(f"{fn}: spatial_shapes must hold ints, got dtype {array.dtype}: "
+                      f"{spatial_shapes!r}.")
+    if array.size and array.dtype.kind not in "iu":
+      raise ValueError(f"{fn}: spatial_shapes must be L pairs (H, W), got {spatial_shapes!r}.")
+    if array.ndim != 2 or array.shape[1] != 2 or array.shape[0] < 1:
+      raise ValueError(f"{fn}: spatial_shapes must be L >= 1 pairs (H, W) (shape [L, 2]), got "
+                       f"shape {array.shape}: {spatial_shapes!r}.")
+    if array.min() < 1:
+      raise ValueError(f"{fn}: spatial_shapes must be >= 1, got {array.tolist()}.")
+    return cls(tuple((int(h), int(w)) for h, w in array))

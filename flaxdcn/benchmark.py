@@ -2,7 +2,7 @@
 
 Usage::
 
-  python -m flaxdcn.benchmark                       # R1, R2, P1 on the CPU (float32)
+  python -m flaxdcn.benchmark                       # R1, R2, P1, A1 on the CPU (float32)
   python -m flaxdcn.benchmark --shapes R1,G1,G2 --dtypes float32,bfloat16 --json out.json
   python -m flaxdcn.benchmark --help
 
@@ -12,8 +12,11 @@ medians, so slow drifts of the machine hit every row alike. ``x base`` is the me
 and pass (forward, or forward+backward with gradients for every differentiable input):
 ``deform_conv2d`` against a dense ``lax.conv_general_dilated``, the Deformable Kernels modules
 against a dense convolution with the scope-sized kernel, ``deform_roi_pool`` (modulated) against
-plain RoI pooling. ``x peer`` is the ratio to torchvision (``deform_conv2d``, ``roi_align``)
-measured in the same run on the same device, when torch and torchvision are importable.
+plain RoI pooling, ``ms_deform_attn`` against its own pure-jnp implementation (``xla``). ``x peer``
+is the ratio to the PyTorch peer measured in the same run on the same device, when torch and
+torchvision are importable: torchvision's ``deform_conv2d`` and ``roi_align``, and for
+``ms_deform_attn`` Deformable DETR's ``ms_deform_attn_core_pytorch`` (``grid_sample`` per level,
+the reference every port of Deformable DETR starts from).
 ``temp MiB`` is XLA's compiled temporary allocation (``memory_analysis``), the per-program
 peak-memory figure every backend reports.
 """
@@ -90,6 +93,44 @@ DCNV3_SHAPES = {
 ROI_SHAPES = {
     s.name: s for s in [
         RoIShape("P1", 2, 50, 256, 512, description="Faster R-CNN head at 800 px"),
+    ]
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MsdaShape:
+  """One multi-scale deformable attention shape: ``N`` images, ``L`` levels, ``Lq`` queries
+  (None: one per value row, ``Lq = S``, the encoder's self-attention), ``M`` heads of ``D``
+  channels, ``P`` points per head and level."""
+  name: str
+  batch: int
+  levels: tuple[tuple[int, int], ...]
+  queries: int | None = None
+  heads: int = 8
+  head_dim: int = 32
+  points: int = 4
+  description: str = ""
+
+  @property
+  def num_values(self) -> int:
+    return sum(h * w for h, w in self.levels)
+
+  @property
+  def num_queries(self) -> int:
+    return self.num_values if self.queries is None else self.queries
+
+
+#: Deformable DETR's encoder at 800 x 1067 (strides 8 to 64), and its decoder's 300 queries.
+_DETR_LEVELS = ((100, 134), (50, 67), (25, 34), (13, 17))
+
+MSDA_SHAPES = {
+    s.name: s for s in [
+        MsdaShape("A1", 2, ((32, 32), (16, 16), (8, 8), (4, 4)),
+                  description="CPU encoder self-attention, Lq = S = 1360"),
+        MsdaShape("A2", 2, _DETR_LEVELS,
+                  description="Deformable DETR encoder at 800x1067, Lq = S = 17821"),
+        MsdaShape("A3", 2, _DETR_LEVELS, queries=300,
+                  description="Deformable DETR decoder, 300 queries on A2's value"),
     ]
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -239,6 +280,46 @@ def _roi_cases(shape: RoIShape, dtype_name: str, impls: Sequence[str]) -> list[C
   return cases
 
 
+def _msda_inputs(shape: MsdaShape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """float32 ``value [N, S, M, D]``, ``sampling_locations [N, Lq, M, L, P, 2]`` (uniform on the
+  maps) and ``attention_weights [N, Lq, M, L, P]`` (a softmax over ``L * P``)."""
+  rng = np.random.default_rng(5)
+  n, lq, m, levels, p = (shape.batch, shape.num_queries, shape.heads, len(shape.levels),
+                         shape.points)
+  value = rng.standard_normal((n, shape.num_values, m, shape.head_dim), np.float32)
+  locations = rng.random((n, lq, m, levels, p, 2), np.float32)
+  logits = rng.standard_normal((n, lq, m, levels * p), np.float32)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights = (weights / weights.sum(-1, keepdims=True)).reshape(n, lq, m, levels, p)
+  return value, locations, weights
+
+
+def msda_native_available() -> bool:
+  """Whether :mod:`flaxdcn._ffi` has the native ``ms_deform_attn`` op."""
+  return getattr(_ffi, "ms_deform_attn", None) is not None
+
+
+def _msda_cases(shape: MsdaShape, dtype_name: str, impls: Sequence[str]) -> list[Case]:
+  """``ms_deform_attn`` by each implementation (native only where its kernels are built),
+  measured against the pure-jnp one."""
+  dtype = DTYPES[dtype_name]
+  value, locations, weights = _msda_inputs(shape)
+  args = (jnp.asarray(value, dtype), jnp.asarray(locations), jnp.asarray(weights, dtype))
+  baseline = "ms_deform_attn/xla"
+  cases = []
+  for impl in ("xla", "ffi"):
+    if impl not in impls or (impl == "ffi" and not msda_native_available()):
+      continue
+
+    def attn(value, locations, weights, impl=impl):
+      return flaxdcn.ms_deform_attn(value, shape.levels, locations, weights,
+                                    implementation=impl)
+
+    cases.append(Case(shape.name, dtype_name, "ms_deform_attn", impl, attn, args, (0, 1, 2),
+                      baseline))
+  return cases
+
+
 def _roi_inputs(shape: RoIShape) -> tuple[jax.Array, jax.Array]:
   """Features ``[N, S, S, C]`` and ``shape.rois`` boxes of 16 to 400 pixels inside the image."""
   keys = jax.random.split(jax.random.key(4), 4)
@@ -376,19 +457,73 @@ def _torchvision_roi_align(shape: RoIShape, dtype_name: str, device: str
   return _torch_timers(forward, forward_backward, torch, tdev)
 
 
+def torch_ms_deform_attn(torch, value, spatial_shapes, sampling_locations, attention_weights):
+  """Deformable DETR's ``ms_deform_attn_core_pytorch`` (its ``grid_sample`` reference): value
+  ``[N, S, M, D]``, locations ``[N, Lq, M, L, P, 2]``, weights ``[N, Lq, M, L, P]`` ->
+  ``[N, Lq, M * D]``."""
+  functional = torch.nn.functional
+  n, _, m, d = value.shape
+  _, lq, _, levels, p, _ = sampling_locations.shape
+  values = value.split([h * w for h, w in spatial_shapes], dim=1)
+  grids = 2 * sampling_locations - 1
+  sampled = []
+  for level, (h, w) in enumerate(spatial_shapes):
+    v = values[level].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
+    g = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+    sampled.append(functional.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
+                                          align_corners=False))  # [N*M, D, Lq, P]
+  weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, levels * p)
+  out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
+  return out.transpose(1, 2).contiguous()
+
+
+def _torch_msda(shape: MsdaShape, dtype_name: str, device: str
+                ) -> dict[str, Callable[[], Any]] | None:
+  """:func:`torch_ms_deform_attn` on the same inputs, on ``device``; None where torch is not
+  importable or has no ``grid_sample`` for the dtype there."""
+  found = _torch(device)
+  if found is None:
+    return None
+  torch, _, tdev = found
+  tdtype = getattr(torch, dtype_name)
+  value, locations, weights = (torch.from_numpy(a).to(device=tdev, dtype=tdtype)
+                               .requires_grad_(True) for a in _msda_inputs(shape))
+  cot = torch.randn(shape.batch, shape.num_queries, shape.heads * shape.head_dim,
+                    generator=torch.Generator(device="cpu").manual_seed(0)).to(tdev, tdtype)
+
+  def forward():
+    return torch_ms_deform_attn(torch, value, shape.levels, locations, weights)
+
+  def forward_backward():
+    return torch.autograd.grad(forward(), (value, locations, weights), cot)
+
+  try:
+    with torch.no_grad():
+      torch_ms_deform_attn(torch, value[:1], shape.levels, locations[:1, :1], weights[:1, :1])
+  except RuntimeError:  # e.g. no grid_sample kernel for this dtype on this device
+    return None
+  return _torch_timers(forward, forward_backward, torch, tdev)
+
+
 def _groups(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], device: str,
             deformable_kernels: bool):
   """``(shape, dtype, cases, peers)`` for every requested shape and dtype; ``peers`` maps an op to
-  its torchvision timers (op name of the row they are the peer of)."""
+  ``(peer op, peer implementation, timers)`` of the PyTorch rows it is compared with."""
   for shape_name in shapes:
     for dtype_name in dtypes:
       peers = {}
-      if shape_name in ROI_SHAPES:
+      if shape_name in MSDA_SHAPES:
+        shape = MSDA_SHAPES[shape_name]
+        cases = _msda_cases(shape, dtype_name, impls)
+        if "torchvision" in impls:
+          peers["ms_deform_attn"] = ("grid_sample", "torch",
+                                     _torch_msda(shape, dtype_name, device))
+      elif shape_name in ROI_SHAPES:
         shape = ROI_SHAPES[shape_name]
         cases = _roi_cases(shape, dtype_name, impls)
         if "torchvision" in impls:
-          peers["deform_roi_pool"] = ("roi_align", _torchvision_roi_align(shape, dtype_name,
-                                                                          device))
+          peers["deform_roi_pool"] = ("roi_align", "torchvision",
+                                      _torchvision_roi_align(shape, dtype_name, device))
       elif shape_name in DCNV3_SHAPES:
         shape = DCNV3_SHAPES[shape_name]
         cases = _dcnv3_cases(shape, dtype_name, impls, shape.offset_groups)
@@ -399,9 +534,9 @@ def _groups(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], 
         if deformable_kernels:
           cases += _deformable_kernel_cases(shape, dtype_name)
         if "torchvision" in impls:
-          peers["deform_conv2d"] = ("deform_conv2d", _torchvision_conv(shape, dtype_name,
-                                                                       device))
-      yield shape_name, dtype_name, cases, {k: v for k, v in peers.items() if v[1] is not None}
+          peers["deform_conv2d"] = ("deform_conv2d", "torchvision",
+                                    _torchvision_conv(shape, dtype_name, device))
+      yield shape_name, dtype_name, cases, {k: v for k, v in peers.items() if v[2] is not None}
 
 
 def run(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], repeats: int,
@@ -426,9 +561,9 @@ def run(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], repe
         temp[key] = _temp_mib(jitted, case.args)
         baseline[key] = f"{case.baseline}/{pass_name}"
     peer_of: dict[str, str] = {}
-    for op, (peer_op, timers) in peers.items():
+    for op, (peer_op, peer_impl, timers) in peers.items():
       for pass_name in passes:
-        key = f"{peer_op}/torchvision/{pass_name}"
+        key = f"{peer_op}/{peer_impl}/{pass_name}"
         fns[key] = timers[pass_name]
         peer_of[f"{op}/{pass_name}"] = key
         baseline[key] = ""
@@ -441,7 +576,7 @@ def run(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], repe
           shape=shape_name, dtype=dtype_name, op=op, implementation=impl, pass_=pass_name,
           ms=seconds * 1e3, baseline=baseline[key].rsplit("/", 2)[0] if base else "",
           ratio_dense=seconds / base if base else None,
-          ratio_peer=seconds / peer if peer and impl != "torchvision" else None,
+          ratio_peer=seconds / peer if peer and key not in peer_of.values() else None,
           temp_mib=temp.get(key)))
   return rows
 
@@ -511,15 +646,21 @@ def main(argv: Sequence[str] | None = None) -> int:
       + "\nshapes (dcnv3 and dcnv4, 3x3, against a depthwise 3x3 conv; every conv shape above "
         "adds these rows with G=4):\n" + "\n".join(
           f"  {s.name:5s} N={s.batch}, {s.size}x{s.size}, C={s.in_features}, "
-          f"G={s.offset_groups} ({s.description})" for s in DCNV3_SHAPES.values()))
+          f"G={s.offset_groups} ({s.description})" for s in DCNV3_SHAPES.values())
+      + "\nshapes (ms_deform_attn against its jnp implementation and Deformable DETR's "
+        "grid_sample reference):\n" + "\n".join(
+          f"  {s.name:5s} N={s.batch}, levels {', '.join(f'{h}x{w}' for h, w in s.levels)}, "
+          f"Lq={s.num_queries}, M={s.heads}, D={s.head_dim}, P={s.points} ({s.description})"
+          for s in MSDA_SHAPES.values()))
   on_gpu = jax.devices()[0].platform == "gpu"
-  parser.add_argument("--shapes", default="R1,G1,G1g4,G2,P1" if on_gpu else "R1,R2,P1",
-                      help="comma-separated shape names (default: R1,R2,P1 on CPU, all but R2 "
-                      "on GPU)")
+  parser.add_argument("--shapes", default="R1,G1,G1g4,G2,P1,A2" if on_gpu else "R1,R2,P1,A1",
+                      help="comma-separated shape names (default: R1,R2,P1,A1 on CPU; "
+                      "R1,G1,G1g4,G2,P1,A2 on GPU)")
   parser.add_argument("--dtypes", default="float32",
                       help=f"comma-separated, of {', '.join(DTYPES)} (default float32)")
   parser.add_argument("--implementations", default=",".join(default_implementations()),
-                      help="comma-separated, of xla, ffi, torchvision (default: all available)")
+                      help="comma-separated, of xla, ffi, torchvision (the PyTorch peers; "
+                      "default: all available)")
   parser.add_argument("--repeats", type=int, default=30, help="timed calls per case (median)")
   parser.add_argument("--forward-only", action="store_true", help="skip forward+backward")
   parser.add_argument("--no-deformable-kernels", action="store_true",
@@ -531,7 +672,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   shapes = [s for s in args.shapes.split(",") if s]
   dtypes = [d for d in args.dtypes.split(",") if d]
   impls = [i for i in args.implementations.split(",") if i]
-  for name, values, allowed in (("shape", shapes, {**SHAPES, **ROI_SHAPES, **DCNV3_SHAPES}),
+  all_shapes = {**SHAPES, **ROI_SHAPES, **DCNV3_SHAPES, **MSDA_SHAPES}
+  for name, values, allowed in (("shape", shapes, all_shapes),
                                 ("dtype", dtypes, DTYPES),
                                 ("implementation", impls, ("xla", "ffi", "torchvision"))):
     bad = [v for v in values if v not in allowed]

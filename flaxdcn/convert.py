@@ -407,3 +407,76 @@ def dcnv4_params_from_torch(state_dict: Mapping[str, Any], prefix: str = "") -> 
     params["offset_mask_dw"] = _depthwise_params(layer, "offset_mask_dw", channels)
   _center_feature_scale_params(layer, params, channels)
   return params
+
+
+# Multi-scale deformable attention (Deformable DETR, mmcv).
+
+
+def msda_params_from_torch(state_dict: Mapping[str, Any], prefix: str = "") -> Params:
+  """The ``params`` of :class:`~flaxdcn.MSDeformAttn` from Deformable DETR's ``MSDeformAttn``
+  or mmcv's ``MultiScaleDeformableAttention``.
+
+  Both have the four ``Linear`` layers ``sampling_offsets`` ``[M·L·P·2, C]``,
+  ``attention_weights`` ``[M·L·P, C]``, ``value_proj`` and ``output_proj`` ``[C, C]`` (with
+  biases) and nothing else; their weights are transposed into ``Dense`` kernels. The output
+  orders ``(m, l, p, (x, y))`` and ``(m, l, p)`` are flaxdcn's, so nothing is reordered. Build
+  the module with the checkpoint's ``n_heads`` / ``num_heads``, ``n_levels`` / ``num_levels`` and
+  ``n_points`` / ``num_points``: the widths fix only their product.
+
+  mmcv's module also adds ``query_pos`` to the query, applies dropout and adds the residual
+  (``identity``) to its output; :class:`~flaxdcn.MSDeformAttn` is the attention alone (Deformable
+  DETR's module), so do those around it. mmcv's ``value_proj_ratio`` other than 1 (a value width
+  other than ``C``) has no flaxdcn counterpart and is reported as a shape error.
+
+  Example usage::
+
+    >>> import numpy as np
+    >>> import jax.numpy as jnp
+    >>> import flaxdcn
+    >>> from flaxdcn.convert import msda_params_from_torch
+    >>> rng = np.random.default_rng(0)
+    >>> c, mlp = 16, 2 * 2 * 3  # MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=3)
+    >>> shapes = {"sampling_offsets.weight": (2 * mlp, c), "sampling_offsets.bias": (2 * mlp,),
+    ...           "attention_weights.weight": (mlp, c), "attention_weights.bias": (mlp,),
+    ...           "value_proj.weight": (c, c), "value_proj.bias": (c,),
+    ...           "output_proj.weight": (c, c), "output_proj.bias": (c,)}
+    >>> state_dict = {f"encoder.0.attn.{k}": rng.normal(size=s) for k, s in shapes.items()}
+    >>> params = msda_params_from_torch(state_dict, prefix="encoder.0.attn")
+    >>> params["sampling_offsets"]["kernel"].shape
+    (16, 24)
+    >>> layer = flaxdcn.MSDeformAttn(num_heads=2, num_levels=2, num_points=3)
+    >>> query, reference_points = jnp.ones((1, 4, c)), jnp.full((1, 4, 2, 2), 0.5)
+    >>> layer.apply({"params": params}, query, reference_points, jnp.ones((1, 13, c)),
+    ...             ((3, 3), (2, 2))).shape
+    (1, 4, 16)
+
+  Args:
+    state_dict: names to arrays: torch tensors (any device), numpy or JAX arrays.
+    prefix: the layer's name in ``state_dict`` (e.g.
+      ``"transformer.encoder.layers.0.self_attn"``).
+
+  Returns:
+    ``{"sampling_offsets", "attention_weights", "value_proj", "output_proj"}``, each
+    ``{"kernel": [in, out], "bias": [out]}``.
+
+  Raises:
+    ValueError: a missing key or a tensor of the wrong shape (named with its expected shape).
+  """
+  layer = TorchLayer("msda_params_from_torch", state_dict, prefix)
+  channels = layer.array("value_proj.weight", (None, None), "[C, C]").shape[1]
+  value_proj = _linear_params(layer, "value_proj", channels, channels, "C, C")
+  output_proj = _linear_params(layer, "output_proj", channels, channels, "C, C")
+  params: Params = {
+      "sampling_offsets": _linear_params(layer, "sampling_offsets", None, channels, "M·L·P·2, C"),
+      "attention_weights": _linear_params(layer, "attention_weights", None, channels,
+                                          "M·L·P, C"),
+      "value_proj": value_proj,
+      "output_proj": output_proj,
+  }
+  samples = params["attention_weights"]["kernel"].shape[1]
+  if params["sampling_offsets"]["kernel"].shape[1] != 2 * samples:
+    raise layer.shape_error("sampling_offsets.weight",
+                            params["sampling_offsets"]["kernel"].shape[::-1],
+                            (2 * samples, channels),
+                            "[M·L·P·2, C], twice attention_weights.weight's rows")
+  return params
