@@ -52,9 +52,9 @@ def vjp_in_separate_programs(fn, primals, cotangent, device):
   compiled as two programs.
 
   A native call's operands and results are then program arguments and results rather than slices
-  of XLA's one temporary buffer: separate allocations under ``XLA_PYTHON_CLIENT_ALLOCATOR=platform``,
-  so compute-sanitizer's memcheck sees an access past any of them, and initcheck a read of what no
-  one wrote.
+  of XLA's one temporary buffer: separate allocations under
+  ``XLA_PYTHON_CLIENT_ALLOCATOR=platform``, so compute-sanitizer's memcheck sees an access past
+  any of them, and initcheck a read of what no one wrote.
   """
   out, vjp = jax.vjp(jax.jit(fn), *on_device(device, *primals))
   return out, vjp(*on_device(device, cotangent))

@@ -59,7 +59,8 @@ if [ "${1:-}" = -m ]; then
         echo "pip 24.0 (stub)"
         exit 0
       fi
-      echo "pip $* FLAXDCN_CUDA=${FLAXDCN_CUDA:-} FLAXDCN_CUDA_ARCHITECTURES=${FLAXDCN_CUDA_ARCHITECTURES:-}" >> "$STUB_LOG"
+      echo "pip $* FLAXDCN_CUDA=${FLAXDCN_CUDA:-}" \
+        "FLAXDCN_CUDA_ARCHITECTURES=${FLAXDCN_CUDA_ARCHITECTURES:-}" >> "$STUB_LOG"
       case "${STUB_BUILD:-ok}" in
         fail) echo "error: the stub build fails"; exit 1 ;;
         sleep) exec sleep 600 ;;
@@ -72,7 +73,8 @@ if [ "${1:-}" = -m ]; then
   exit 99
 fi
 case "${1:-}" in
-  *gpu_preflight.py) PYTHONPATH=$STUB_DIR/modules exec "$STUB_REAL_PYTHON" -S "$STUB_DIR/boot.py" "$@" ;;
+  *gpu_preflight.py)
+    PYTHONPATH=$STUB_DIR/modules exec "$STUB_REAL_PYTHON" -S "$STUB_DIR/boot.py" "$@" ;;
 esac
 exec "$STUB_REAL_PYTHON" "$@"
 """
@@ -131,7 +133,8 @@ print(f"| {shape} | {dtype} | ... |")
 """
 
 SANITIZER_STUB = r"""#!/usr/bin/env bash
-echo "compute-sanitizer XLA_PYTHON_CLIENT_ALLOCATOR=${XLA_PYTHON_CLIENT_ALLOCATOR:-} $*" >> "$STUB_LOG"
+allocator=${XLA_PYTHON_CLIENT_ALLOCATOR:-}
+echo "compute-sanitizer XLA_PYTHON_CLIENT_ALLOCATOR=$allocator $*" >> "$STUB_LOG"
 if [ "${1:-}" = --version ]; then echo "Version 2025.3.1 (stub)"; exit 0; fi
 tool=memcheck log=/dev/stdout
 while [ $# -gt 0 ]; do
