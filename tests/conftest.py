@@ -1,5 +1,7 @@
-"""Shared pytest configuration: the implementations every core test runs over."""
+"""Shared pytest configuration: the implementations every core test runs over, and full float32
+matmuls for the ``cuda`` tests."""
 
+import jax
 import pytest
 
 from flaxdcn import _ffi
@@ -29,3 +31,15 @@ def msda_implementation(implementation):
     pytest.skip("flaxdcn has no native ms_deform_attn kernels yet (implementation='ffi' raises: "
                 "test_ffi_without_native_kernels_raises)")
   return implementation
+
+
+@pytest.fixture(autouse=True)
+def _cuda_tests_at_full_float32(request):
+  """``cuda`` tests compare float32 results at float32 tolerances; on a GPU JAX's default float32
+  matmul is TF32 (about 1e-3 relative), so every matmul they trace, the jnp reference paths'
+  included, runs at full float32."""
+  if request.node.get_closest_marker("cuda") is None:
+    yield
+    return
+  with jax.default_matmul_precision("highest"):
+    yield

@@ -15,7 +15,10 @@ import pytest
 import flaxdcn
 from flaxdcn import _ffi
 
-pytestmark = pytest.mark.skipif(not _ffi.available("cuda"), reason="CUDA kernels not built")
+# ``cuda``: .ci/gpu-check's ``pytest -m cuda`` runs these on the GPU machine too, where the real
+# driver is checked; they need the CUDA build, not a GPU.
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not _ffi.available("cuda"), reason="CUDA kernels not built")]
 
 NATIVE_CALL = "custom_call @flaxdcn_deform_im2col("
 

@@ -19,6 +19,7 @@ from jax.test_util import check_grads
 
 import flaxdcn
 import reference_dcnv3 as ref
+from cuda_testing import assert_same_on_gpu_and_cpu, on_device, requires_gpu
 from reference_dcnv3 import V3Case
 from tolerances import assert_close
 
@@ -389,3 +390,95 @@ def test_batch_sharded_jit(implementation):
   assert proc.returncode == 0, (
       f"dcnv3_multidevice_script.py {implementation} failed (rc={proc.returncode}):\n"
       f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+# --- CUDA ----------------------------------------------------------------------------------------
+# Collected everywhere, skipped without a GPU; .ci/gpu-check runs every ``cuda`` test of tests/.
+# The ``compute_sanitizer`` tests are the small subset it also runs under compute-sanitizer.
+
+cuda = pytest.mark.cuda
+GPU_DTYPES = [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.float16, id="f16"),
+              pytest.param(jnp.bfloat16, id="bf16")]
+#: The cases whose offset_mask has padding channels (D > 3GP).
+V4_CASES = [c for c in CASES if c.values[0].d > c.values[0].g * c.values[0].points * 3]
+#: The compute-sanitizer subset: the scalar kernels in float32 (2 channels per group) and the
+#: vector kernels in bfloat16 (32 channels per group); both have DCNv4 padding channels.
+SANITIZER_CASES = [pytest.param(jnp.float32, CASES[0].values[0], id="f32-Cg2"),
+                   pytest.param(jnp.bfloat16, CASES[4].values[0], id="bf16-Cg32")]
+
+
+def _cuda_problem(case, dtype, seed, padding_value=0.5):
+  """Inputs, offsets, mask, the DCNv4 offset_mask (padding channels set to ``padding_value``)
+  and an output cotangent, in ``dtype`` on the GPU."""
+  args = ref.make_args(case, seed=seed)
+  offset_mask = ref.pack_offset_mask(case, args["offsets"], args["mask"], padding_value)
+  cotangent = np.random.default_rng(seed + 1).standard_normal((case.n, *case.out_size, case.c))
+  return on_device(jax.devices("gpu")[0], args["inputs"], args["offsets"], args["mask"],
+                   offset_mask, cotangent, dtype=dtype)
+
+
+def _vjp_program(op, case, implementation, deterministic):
+  """A jitted ``(*primals, cotangent) -> (out, grads)`` of ``flaxdcn.<op>``."""
+  fn = functools.partial(getattr(flaxdcn, op), **case.kwargs(), implementation=implementation,
+                         deterministic_backward=deterministic)
+
+  def run(*args):
+    out, vjp = jax.vjp(fn, *args[:-1])
+    return out, vjp(args[-1])
+  return jax.jit(run)
+
+
+def _assert_matches_xla(op, case, dtype, deterministic, primals, cotangent):
+  """The CUDA forward and every gradient against the jnp path on the GPU; a deterministic backward
+  is bitwise equal across two runs. Returns the CUDA gradients."""
+  native = _vjp_program(op, case, "ffi", deterministic)
+  out, grads = native(*primals, cotangent)
+  out_xla, grads_xla = _vjp_program(op, case, "xla", deterministic)(*primals, cotangent)
+  assert out.dtype == dtype
+  assert_close(out, out_xla, dtype, err_msg="output")
+  for i, (g, g_xla) in enumerate(zip(grads, grads_xla)):
+    assert g.dtype == dtype
+    assert_close(g, g_xla, dtype, err_msg=f"gradient {i}")
+  if deterministic:
+    for i, (a, b) in enumerate(zip(grads, native(*primals, cotangent)[1])):
+      np.testing.assert_array_equal(a, b, err_msg=f"gradient {i}, second run")
+  return grads
+
+
+@cuda
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_cuda_dcnv3_matches_xla(case, dtype, deterministic):
+  inputs, offsets, mask, _, cotangent = _cuda_problem(case, dtype, seed=21)
+  _assert_matches_xla("dcnv3", case, dtype, deterministic, (inputs, offsets, mask), cotangent)
+
+
+@cuda
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", V4_CASES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_cuda_dcnv4_matches_xla_and_padding_channels(case, dtype, deterministic):
+  """As DCNv3, on the packed layout; the padding channels (set to 0.5) get a zero gradient."""
+  inputs, _, _, offset_mask, cotangent = _cuda_problem(case, dtype, seed=23)
+  _, grad_offset_mask = _assert_matches_xla("dcnv4", case, dtype, deterministic,
+                                            (inputs, offset_mask), cotangent)
+  used = case.g * case.points * 3
+  np.testing.assert_array_equal(np.asarray(grad_offset_mask[..., used:], np.float32), 0)
+  assert np.any(np.asarray(grad_offset_mask[..., :used], np.float32))
+
+
+@cuda
+@pytest.mark.compute_sanitizer
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype, case", SANITIZER_CASES)
+@pytest.mark.parametrize("op", ["dcnv3", "dcnv4"])
+def test_cuda_separate_programs(op, dtype, case, deterministic):
+  inputs, offsets, mask, offset_mask, cotangent = _cuda_problem(case, dtype, seed=25)
+  fn = functools.partial(getattr(flaxdcn, op), **case.kwargs(), implementation="ffi",
+                         deterministic_backward=deterministic)
+  primals = (inputs, offsets, mask) if op == "dcnv3" else (inputs, offset_mask)
+  assert_same_on_gpu_and_cpu(fn, primals, cotangent, dtype)

@@ -23,6 +23,8 @@ from flaxdcn import _ffi
 from flaxdcn._geometry import ConvGeometry, Dcnv3Geometry, RoIPoolGeometry
 from flaxdcn.ops import _xla_conv
 from flaxdcn.ops import _xla_roi_pool
+from cuda_testing import (assert_same_on_gpu_and_cpu, on_device, requires_gpu, torch_full_float32,
+                          vjp_in_separate_programs)
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not _ffi.available("cpu"), reason="native CPU kernels not built")
@@ -413,12 +415,12 @@ ROIS = np.array([
     [0, -30.0, -20.0, -2.5, -1.5], [1, 17.5, 13.0, 23.0, 19.0]])
 
 
-def roi_setup(dtype, sampling_ratio, with_offsets=True, seed=8):
+def roi_setup(dtype, sampling_ratio, with_offsets=True, seed=8, channels=5):
   rng = np.random.default_rng(seed)
   geometry = RoIPoolGeometry((9, 11), (3, 2), 0.5, sampling_ratio, 0.1)
-  features = rng.normal(size=(2, 9, 11, 5))
+  features = rng.normal(size=(2, 9, 11, channels))
   offsets = 2 * rng.normal(size=(len(ROIS), 3, 2, 2)) if with_offsets else None
-  cotangent = rng.normal(size=(len(ROIS), 3, 2, 5))
+  cotangent = rng.normal(size=(len(ROIS), 3, 2, channels))
   acc = jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
   return geometry, features, offsets, cotangent, acc
 
@@ -527,10 +529,10 @@ def test_roi_pool_vmap():
       assert_close(got[b], want, jnp.float32)
 
 
-def per_image_setup(dtype, sampling_ratio, seed=12):
+def per_image_setup(dtype, sampling_ratio, seed=12, channels=5):
   """``ROIS`` as per-image boxes ``[2, Ri, 4]`` plus two padding boxes, and the same problem as
   ``[R, 5]`` rows (padding rows get batch index -1)."""
-  geometry, features, _, _, acc = roi_setup(dtype, sampling_ratio)
+  geometry, features, _, _, acc = roi_setup(dtype, sampling_ratio, channels=channels)
   valid = ROIS[(ROIS[:, 0] == 0) | (ROIS[:, 0] == 1)]
   per_image = [valid[valid[:, 0] == b, 1:] for b in (0, 1)]
   ri = max(len(b) for b in per_image) + 1
@@ -543,7 +545,7 @@ def per_image_setup(dtype, sampling_ratio, seed=12):
   rows = np.concatenate([index[..., None], boxes], axis=-1).reshape(-1, 5)
   rng = np.random.default_rng(seed)
   offsets = 2 * rng.normal(size=(2, ri, 3, 2, 2))
-  cotangent = rng.normal(size=(2, ri, 3, 2, 5))
+  cotangent = rng.normal(size=(2, ri, 3, 2, channels))
   return geometry, features, boxes, rows, offsets, cotangent, acc, pad
 
 
@@ -681,17 +683,11 @@ def test_table_row_vmap_of_vmap(op, shared):
 
 
 # --- CUDA ----------------------------------------------------------------------------------------
-
-def _gpu_available():
-  try:
-    return bool(jax.devices("gpu"))
-  except RuntimeError:
-    return False
-
+# Collected everywhere, skipped without a GPU; .ci/gpu-check runs every ``cuda`` test of tests/.
+# conftest.py runs their float32 matmuls at full precision (not TF32). The ``compute_sanitizer``
+# tests are the small subset that .ci/gpu-check also runs under compute-sanitizer.
 
 cuda = pytest.mark.cuda
-requires_gpu = pytest.mark.skipif(not (_ffi.available("cuda") and _gpu_available()),
-                                  reason="needs a CUDA GPU and the CUDA build of the kernels")
 
 
 @cuda
@@ -704,9 +700,7 @@ def test_cuda_im2col_matches_xla(case, dtype, deterministic):
   on the GPU; the deterministic backward is bitwise reproducible."""
   with _x64(dtype):
     geometry, arrays = conv_setup(case, dtype)
-    gpu = jax.devices("gpu")[0]
-    inputs, offsets, mask, cotangent = (None if a is None else jax.device_put(a, gpu)
-                                        for a in arrays)
+    inputs, offsets, mask, cotangent = on_device(jax.devices("gpu")[0], *arrays)
     run = jax.jit(functools.partial(im2col_vjp, geometry=geometry, deterministic=deterministic),
                   static_argnums=0)
     out, grads = run("ffi", inputs, offsets, mask, cotangent=cotangent)
@@ -721,14 +715,15 @@ def test_cuda_im2col_matches_xla(case, dtype, deterministic):
 
 @cuda
 @requires_gpu
+@pytest.mark.parametrize("channels", [5, 16], ids=["C5", "C16"])  # C16: the vector kernels
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_roi_pool_matches_xla(dtype, deterministic):
+def test_cuda_roi_pool_matches_xla(dtype, deterministic, channels):
   with _x64(dtype):
-    geometry, features, offsets, cotangent, acc = roi_setup(dtype, 0)
+    geometry, features, offsets, cotangent, acc = roi_setup(dtype, 0, channels=channels)
     gpu = jax.devices("gpu")[0]
-    put = lambda a, t: jax.device_put(jnp.asarray(a, t), gpu)
-    f, o, g, rois = put(features, dtype), put(offsets, dtype), put(cotangent, dtype), put(ROIS, acc)
+    f, o, g = on_device(gpu, features, offsets, cotangent, dtype=dtype)
+    (rois,) = on_device(gpu, ROIS, dtype=acc)
 
     def run(implementation):
       if implementation == "xla":
@@ -744,6 +739,9 @@ def test_cuda_roi_pool_matches_xla(dtype, deterministic):
     assert_close(out, out_xla, dtype)
     for a, b in zip(grads, grads_xla):
       assert_close(a, b, dtype)
+    if deterministic:
+      for a, b in zip(grads, jax.jit(lambda: run("ffi"))()[1]):
+        np.testing.assert_array_equal(a, b)
 
 
 @cuda
@@ -756,8 +754,7 @@ def test_cuda_roi_pool_per_image_matches_cpu(sampling_ratio, deterministic):
                                                                            sampling_ratio)
 
   def run(device):
-    put = lambda a: jax.device_put(jnp.asarray(a, jnp.float32), device)
-    f, r, o, g = (put(a) for a in (features, boxes, offsets, cotangent))
+    f, r, o, g = on_device(device, features, boxes, offsets, cotangent, dtype=jnp.float32)
     pool = lambda f, o: _ffi.deform_roi_pool(f, r, o, geometry,
                                              deterministic_backward=deterministic, fallback=None)
     out, vjp = jax.vjp(pool, f, o)
@@ -772,7 +769,8 @@ def test_cuda_roi_pool_per_image_matches_cpu(sampling_ratio, deterministic):
 @cuda
 @requires_gpu
 def test_cuda_matches_torchvision():
-  """Odd geometry (symmetric padding: torchvision has no other), feature and offset groups."""
+  """Odd geometry (symmetric padding: torchvision has no other), feature and offset groups; both
+  sides at full float32 (no TF32 on either)."""
   torch = pytest.importorskip("torch")
   torchvision = pytest.importorskip("torchvision")
   if not torch.cuda.is_available():
@@ -781,15 +779,70 @@ def test_cuda_matches_torchvision():
   geometry, (inputs, offsets, mask, _) = conv_setup(case, jnp.float32, seed=12)
   kh, kw = geometry.kernel_size
   kernel = np.random.default_rng(13).normal(size=(kh, kw, 3, 4)).astype(np.float32)
-  gpu = jax.devices("gpu")[0]
-  ours = flaxdcn.deform_conv2d(*(jax.device_put(a, gpu) for a in (inputs, offsets, kernel, mask)),
+  ours = flaxdcn.deform_conv2d(*on_device(jax.devices("gpu")[0], inputs, offsets, kernel, mask),
                                strides=geometry.strides, padding=geometry.padding,
                                kernel_dilation=geometry.dilation, feature_group_count=2,
-                               offset_group_count=geometry.offset_groups, implementation="ffi")
+                               offset_group_count=geometry.offset_groups,
+                               precision=jax.lax.Precision.HIGHEST, implementation="ffi")
   to_torch = lambda a, *perm: torch.from_numpy(np.ascontiguousarray(
       np.transpose(np.asarray(a), perm))).cuda()
-  theirs = torchvision.ops.deform_conv2d(
-      to_torch(inputs, 0, 3, 1, 2), to_torch(offsets, 0, 3, 1, 2), to_torch(kernel, 3, 2, 0, 1),
-      mask=to_torch(mask, 0, 3, 1, 2), stride=geometry.strides,
-      padding=(geometry.padding[0][0], geometry.padding[1][0]), dilation=geometry.dilation)
+  with torch_full_float32(torch):
+    theirs = torchvision.ops.deform_conv2d(
+        to_torch(inputs, 0, 3, 1, 2), to_torch(offsets, 0, 3, 1, 2), to_torch(kernel, 3, 2, 0, 1),
+        mask=to_torch(mask, 0, 3, 1, 2), stride=geometry.strides,
+        padding=(geometry.padding[0][0], geometry.padding[1][0]), dilation=geometry.dilation)
   assert_close(ours, theirs.permute(0, 2, 3, 1).cpu().numpy(), jnp.float32)
+
+
+#: The compute-sanitizer subset: the scalar kernels in float32 (channels per group not a multiple
+#: of 4) and the vector kernels in bfloat16 (a multiple of 8).
+SANITIZER_CONV = [
+    pytest.param(jnp.float32, CONV_CASES[0].values[0], id="f32-odd-G3"),
+    pytest.param(jnp.bfloat16, CONV_CASES[3].values[0], id="bf16-blocks-C40"),
+]
+SANITIZER_ROI = [pytest.param(jnp.float32, 5, id="f32-C5"),
+                 pytest.param(jnp.bfloat16, 16, id="bf16-C16")]
+
+
+@cuda
+@pytest.mark.compute_sanitizer
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype, case", SANITIZER_CONV)
+def test_cuda_im2col_separate_programs(dtype, case, deterministic):
+  geometry, (inputs, offsets, mask, cotangent) = conv_setup(case, dtype)
+  if mask is None:
+    fn = lambda x, o: im2col("ffi", x, o, None, geometry, deterministic)
+    primals = (inputs, offsets)
+  else:
+    fn = lambda x, o, m: im2col("ffi", x, o, m, geometry, deterministic)
+    primals = (inputs, offsets, mask)
+  assert_same_on_gpu_and_cpu(fn, primals, cotangent, dtype)
+
+
+@cuda
+@pytest.mark.compute_sanitizer
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype, channels", SANITIZER_ROI)
+@pytest.mark.parametrize("form", ["rows", "per_image"])
+def test_cuda_roi_pool_separate_programs(form, dtype, channels, deterministic):
+  """Both RoI forms; the boxes are an argument of their own (not a constant of the program), and
+  their gradient is zero by definition."""
+  if form == "rows":
+    geometry, features, offsets, cotangent, _ = roi_setup(dtype, 0, channels=channels)
+    rois = ROIS
+  else:
+    geometry, features, rois, _, offsets, cotangent, _, _ = per_image_setup(dtype, 2,
+                                                                            channels=channels)
+  fn = lambda f, r, o: _ffi.deform_roi_pool(f, r, o, geometry,
+                                            deterministic_backward=deterministic, fallback=None)
+  primals = (jnp.asarray(features, dtype), jnp.asarray(rois, jnp.float32),
+             jnp.asarray(offsets, dtype))
+  cotangent = jnp.asarray(cotangent, dtype)
+  (gpu_out, gpu_grads), (cpu_out, cpu_grads) = (
+      vjp_in_separate_programs(fn, primals, cotangent, device)
+      for device in (jax.devices("gpu")[0], jax.devices("cpu")[0]))
+  assert_close(gpu_out, cpu_out, dtype)
+  for i in (0, 2):
+    assert_close(gpu_grads[i], cpu_grads[i], dtype)

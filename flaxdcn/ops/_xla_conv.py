@@ -104,8 +104,10 @@ def _gather_columns_bwd(residuals, cotangent):
   n, p, groups, channels = cotangent.shape
 
   def one(img, idx, wts, g):
+    # HIGHEST: a reduction inside the sampling's gradient, never a TF32 matmul on a GPU.
     grad_weight = jnp.stack(
-        [jnp.einsum("pc,pc->p", img[idx[:, q]], g, preferred_element_type=acc_dtype)
+        [jnp.einsum("pc,pc->p", img[idx[:, q]], g, preferred_element_type=acc_dtype,
+                    precision=lax.Precision.HIGHEST)
          for q in range(4)], axis=-1)
     g = g.astype(acc_dtype)
     updates = jnp.zeros(img.shape, acc_dtype)
