@@ -48,8 +48,14 @@ class MSDeformAttn(nnx.Module):
   Args:
     in_features: the channels ``C`` of the query, the input and the output (Deformable DETR's
       ``d_model``); divisible by ``num_heads``.
-    num_heads, num_levels, num_points, dtype, param_dtype, precision, implementation,
-      deterministic_backward: as the attributes of :class:`flaxdcn.MSDeformAttn`.
+    num_heads: the heads ``M`` (default 8).
+    num_levels: the feature levels ``L`` (default 4).
+    num_points: the sampling points ``P`` per head and level (default 4).
+    dtype: the dtype of the computation (default: inferred from inputs and params).
+    param_dtype: the dtype of the parameters (default float32).
+    precision: precision of the four linear layers.
+    implementation: ``None``, ``"xla"`` or ``"ffi"``, as in :func:`flaxdcn.ms_deform_attn`.
+    deterministic_backward: bitwise-reproducible native CUDA backward.
     rngs: the random number generators of the parameter initialisers.
 
   References:
