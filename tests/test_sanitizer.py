@@ -23,7 +23,7 @@ DRIVER = r"""
 #include <memory>
 #include <vector>
 
-#include "xla_ext/cpu_kernels.h"
+#include "xla_ext/cpu/deform_conv_kernels.h"
 
 namespace fd = flaxdcn;
 

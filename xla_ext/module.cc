@@ -4,8 +4,8 @@
 
 #include "pybind11/pybind11.h"
 #include "xla/ffi/api/c_api.h"
-#include "xla_ext/dcnv3_ops.h"
-#include "xla_ext/ops.h"
+#include "xla_ext/common/dcnv3_handlers.h"
+#include "xla_ext/common/handlers.h"
 
 #ifdef FLAXDCN_WITH_CUDA
 #include <cuda_runtime_api.h>

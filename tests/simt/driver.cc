@@ -19,11 +19,11 @@
 #include <vector>
 
 #include "simt.h"
-#include "xla_ext/cpu_kernels.h"
-#include "xla_ext/cpu_types.h"
-#include "xla_ext/cuda_accumulate.h"
-#include "xla_ext/cuda_kernels.h"
-#include "xla_ext/params.h"
+#include "xla_ext/cpu/deform_conv_kernels.h"
+#include "xla_ext/cpu/types.h"
+#include "xla_ext/cuda/accumulate.h"
+#include "xla_ext/cuda/deform_conv_kernels.h"
+#include "xla_ext/common/base.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>

@@ -15,7 +15,7 @@
 #include "pybind11/pybind11.h"
 #include "xla/ffi/api/c_api.h"
 #include "xla/ffi/api/ffi.h"
-#include "xla_ext/ops.h"
+#include "xla_ext/common/handlers.h"
 
 namespace {
 

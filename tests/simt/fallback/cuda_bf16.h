@@ -7,7 +7,7 @@
 
 #include "cuda_fp16.h"
 #include "vector_types.h"
-#include "xla_ext/cpu_types.h"
+#include "xla_ext/cpu/types.h"
 
 struct alignas(2) __nv_bfloat16 {
   unsigned short __x;

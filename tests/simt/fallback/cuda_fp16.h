@@ -6,7 +6,7 @@
 #define FLAXDCN_TESTS_SIMT_FALLBACK_CUDA_FP16_H_
 
 #include "vector_types.h"
-#include "xla_ext/cpu_types.h"
+#include "xla_ext/cpu/types.h"
 
 struct alignas(2) __half {
   unsigned short __x;

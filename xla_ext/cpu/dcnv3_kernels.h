@@ -7,8 +7,8 @@
 
 #include <cstdint>
 
-#include "xla_ext/cpu_types.h"
-#include "xla_ext/dcnv3_params.h"
+#include "xla_ext/cpu/types.h"
+#include "xla_ext/common/dcnv3.h"
 
 namespace flaxdcn {
 

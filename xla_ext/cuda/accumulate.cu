@@ -1,12 +1,12 @@
-#include "xla_ext/cuda_accumulate.h"
+#include "xla_ext/cuda/accumulate.h"
 
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
 
-#include "xla_ext/cuda_common.cuh"
-#include "xla_ext/params.h"
+#include "xla_ext/cuda/common.cuh"
+#include "xla_ext/common/base.h"
 
 namespace flaxdcn {
 namespace cuda {

@@ -7,12 +7,12 @@
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
-#include "xla_ext/cpu_dcnv3_kernels.h"
-#include "xla_ext/cpu_parallel.h"
-#include "xla_ext/cpu_types.h"
-#include "xla_ext/dcnv3_ffi.h"
-#include "xla_ext/dcnv3_ops.h"
-#include "xla_ext/dcnv3_params.h"
+#include "xla_ext/cpu/dcnv3_kernels.h"
+#include "xla_ext/cpu/parallel.h"
+#include "xla_ext/cpu/types.h"
+#include "xla_ext/common/dcnv3_ffi.h"
+#include "xla_ext/common/dcnv3_handlers.h"
+#include "xla_ext/common/dcnv3.h"
 
 namespace flaxdcn {
 namespace {

@@ -9,8 +9,8 @@
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
-#include "xla_ext/dcnv3_params.h"
-#include "xla_ext/ffi_common.h"
+#include "xla_ext/common/dcnv3.h"
+#include "xla_ext/common/ffi_helpers.h"
 
 namespace flaxdcn {
 

@@ -12,8 +12,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "xla_ext/params.h"
-#include "xla_ext/sampling.h"
+#include "xla_ext/common/base.h"
+#include "xla_ext/common/sampling.h"
 
 namespace flaxdcn {
 namespace cuda {

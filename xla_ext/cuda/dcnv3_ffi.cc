@@ -9,10 +9,10 @@
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
-#include "xla_ext/cuda_dcnv3_kernels.h"
-#include "xla_ext/dcnv3_ffi.h"
-#include "xla_ext/dcnv3_ops.h"
-#include "xla_ext/dcnv3_params.h"
+#include "xla_ext/cuda/dcnv3_kernels.h"
+#include "xla_ext/common/dcnv3_ffi.h"
+#include "xla_ext/common/dcnv3_handlers.h"
+#include "xla_ext/common/dcnv3.h"
 
 namespace flaxdcn {
 namespace {

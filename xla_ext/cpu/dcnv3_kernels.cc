@@ -1,12 +1,12 @@
-#include "xla_ext/cpu_dcnv3_kernels.h"
+#include "xla_ext/cpu/dcnv3_kernels.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
-#include "xla_ext/cpu_types.h"
-#include "xla_ext/dcnv3_params.h"
-#include "xla_ext/sampling.h"
+#include "xla_ext/cpu/types.h"
+#include "xla_ext/common/dcnv3.h"
+#include "xla_ext/common/sampling.h"
 
 namespace flaxdcn {
 namespace {

@@ -14,7 +14,7 @@
 
 #include <cstdint>
 
-#include "xla_ext/params.h"
+#include "xla_ext/common/base.h"
 
 namespace flaxdcn {
 

@@ -8,8 +8,8 @@
 
 #include <cstdint>
 
-#include "xla_ext/cpu_types.h"
-#include "xla_ext/params.h"
+#include "xla_ext/cpu/types.h"
+#include "xla_ext/common/base.h"
 
 namespace flaxdcn {
 

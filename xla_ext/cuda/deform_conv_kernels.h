@@ -19,7 +19,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "xla_ext/params.h"
+#include "xla_ext/common/base.h"
 
 namespace flaxdcn {
 

@@ -16,7 +16,7 @@
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
-#include "xla_ext/cpu_types.h"
+#include "xla_ext/cpu/types.h"
 
 namespace flaxdcn {
 

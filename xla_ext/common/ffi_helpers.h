@@ -11,7 +11,7 @@
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
-#include "xla_ext/params.h"
+#include "xla_ext/common/base.h"
 
 namespace flaxdcn {
 

@@ -1,13 +1,13 @@
-#include "xla_ext/cpu_kernels.h"
+#include "xla_ext/cpu/deform_conv_kernels.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
-#include "xla_ext/cpu_types.h"
-#include "xla_ext/params.h"
-#include "xla_ext/sampling.h"
+#include "xla_ext/cpu/types.h"
+#include "xla_ext/common/base.h"
+#include "xla_ext/common/sampling.h"
 
 namespace flaxdcn {
 namespace {

@@ -8,12 +8,12 @@
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
-#include "xla_ext/cpu_kernels.h"
-#include "xla_ext/cpu_parallel.h"
-#include "xla_ext/cpu_types.h"
-#include "xla_ext/ffi_common.h"
-#include "xla_ext/ops.h"
-#include "xla_ext/params.h"
+#include "xla_ext/cpu/deform_conv_kernels.h"
+#include "xla_ext/cpu/parallel.h"
+#include "xla_ext/cpu/types.h"
+#include "xla_ext/common/ffi_helpers.h"
+#include "xla_ext/common/handlers.h"
+#include "xla_ext/common/base.h"
 
 namespace flaxdcn {
 namespace {

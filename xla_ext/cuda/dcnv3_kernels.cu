@@ -13,12 +13,12 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "xla_ext/cuda_accumulate.h"
-#include "xla_ext/cuda_common.cuh"
-#include "xla_ext/cuda_dcnv3_kernels.h"
-#include "xla_ext/dcnv3_params.h"
-#include "xla_ext/params.h"
-#include "xla_ext/sampling.h"
+#include "xla_ext/cuda/accumulate.h"
+#include "xla_ext/cuda/common.cuh"
+#include "xla_ext/cuda/dcnv3_kernels.h"
+#include "xla_ext/common/dcnv3.h"
+#include "xla_ext/common/base.h"
+#include "xla_ext/common/sampling.h"
 
 namespace flaxdcn {
 namespace cuda {

@@ -8,10 +8,10 @@
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
-#include "xla_ext/cuda_kernels.h"
-#include "xla_ext/ffi_common.h"
-#include "xla_ext/ops.h"
-#include "xla_ext/params.h"
+#include "xla_ext/cuda/deform_conv_kernels.h"
+#include "xla_ext/common/ffi_helpers.h"
+#include "xla_ext/common/handlers.h"
+#include "xla_ext/common/base.h"
 
 namespace flaxdcn {
 namespace {

@@ -8,11 +8,11 @@
 
 #include <cstdint>
 
-#include "xla_ext/cuda_accumulate.h"
-#include "xla_ext/cuda_common.cuh"
-#include "xla_ext/cuda_kernels.h"
-#include "xla_ext/params.h"
-#include "xla_ext/sampling.h"
+#include "xla_ext/cuda/accumulate.h"
+#include "xla_ext/cuda/common.cuh"
+#include "xla_ext/cuda/deform_conv_kernels.h"
+#include "xla_ext/common/base.h"
+#include "xla_ext/common/sampling.h"
 
 namespace flaxdcn {
 namespace cuda {
