@@ -1,7 +1,7 @@
 """The CUDA kernels of ``xla_ext/`` compiled for the host and run under a SIMT emulation.
 
-The real ``.cu`` sources of the checkout (or of ``$FLAXDCN_SIMT_SOURCES``, a tree holding an
-``xla_ext/``) are compiled by the host C++ compiler with AddressSanitizer and
+The real ``.cu`` sources of the checkout (``xla_ext/cuda/``, or those of ``$FLAXDCN_SIMT_SOURCES``,
+a tree holding an ``xla_ext/``) are compiled by the host C++ compiler with AddressSanitizer and
 UndefinedBehaviorSanitizer, against ``tests/simt/simt.h``: the CUDA programming model as
 cooperative fibers, with blocks in a shuffled order and every warp intrinsic a synchronisation
 point that fails unless every lane it names reaches it (see that header for the full list of
@@ -54,7 +54,7 @@ SIMT_DIR = os.path.join(ROOT, "tests", "simt")
 #: The tree whose ``xla_ext/`` is compiled (a copy with a planted bug, say).
 SOURCES = os.path.abspath(os.environ.get("FLAXDCN_SIMT_SOURCES", ROOT))
 #: The CUDA translation units under test, in ``xla_ext/``.
-CUDA_SOURCES = ["cuda_accumulate.cu", "cuda_conv_kernels.cu", "cuda_roi_kernels.cu"]
+CUDA_SOURCES = ["cuda/accumulate.cu", "cuda/deform_conv_kernels.cu", "cuda/roi_pool_kernels.cu"]
 FLAGS = ["-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "-Wno-unknown-pragmas",
          "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
 
@@ -123,10 +123,10 @@ def _rewrite(text, path):
 def _headers(include):
   """Every header a unit may include, as one digest (with the flags and the toolkit's path)."""
   paths = []
-  for folder in (os.path.join(SOURCES, "xla_ext"), SIMT_DIR, os.path.join(SIMT_DIR, "include"),
-                 os.path.join(SIMT_DIR, "fallback")):
-    paths += [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-              if n.endswith((".h", ".cuh"))]
+  for folder in (os.path.join(SOURCES, "xla_ext"), SIMT_DIR):
+    for parent, dirs, names in os.walk(folder):
+      dirs.sort()
+      paths += [os.path.join(parent, n) for n in sorted(names) if n.endswith((".h", ".cuh"))]
   return _digest(*paths, extra=" ".join([*FLAGS, str(include)]))
 
 
@@ -147,10 +147,10 @@ def _build(cache_dir, compiler, cuda_sources, host_sources, include=None, flags=
   # Units name their files relative to the tree: a copy of the tree reuses the objects.
   for root, path in cuda_sources:
     with open(os.path.join(root, path)) as f:
-      units.append((os.path.basename(path).replace(".cu", ".simt.cc"), _rewrite(f.read(), path)))
+      units.append((_unit_name(path).replace(".cu", ".simt.cc"), _rewrite(f.read(), path)))
   for root, path in [*host_sources, (ROOT, "tests/simt/simt.cc")]:
     with open(os.path.join(root, path)) as f:
-      units.append((os.path.basename(path), f'#line 1 "{path}"\n' + f.read()))
+      units.append((_unit_name(path), f'#line 1 "{path}"\n' + f.read()))
 
   def compile_one(unit):
     name, text = unit
@@ -186,11 +186,16 @@ def _build(cache_dir, compiler, cuda_sources, host_sources, include=None, flags=
   return binary
 
 
+def _unit_name(path):
+  """A file name for the unit of `path` (relative to its tree): cpu/ and cuda/ share file names."""
+  return path.replace("/", "_")
+
+
 def _digest(*paths, extra=""):
-  """Digest of the files' names (not their folders) and contents."""
+  """Digest of the files' names (relative to their tree, the last two parts) and contents."""
   h = hashlib.sha256(extra.encode())
   for path in paths:
-    h.update(os.path.basename(path).encode())
+    h.update("/".join(path.split(os.sep)[-2:]).encode())
     with open(path, "rb") as f:
       h.update(f.read())
   return h.hexdigest()[:16]
@@ -209,7 +214,9 @@ def driver():
   """The driver binary, built once per session from cached objects (in the temporary
   directory, by the digest of their inputs)."""
   return _session_build([(SOURCES, f"xla_ext/{name}") for name in CUDA_SOURCES],
-                        [(SOURCES, "xla_ext/cpu_kernels.cc"), (ROOT, "tests/simt/driver.cc")])
+                        [(SOURCES, "xla_ext/cpu/deform_conv_kernels.cc"),
+                         (SOURCES, "xla_ext/cpu/roi_pool_kernels.cc"),
+                         (ROOT, "tests/simt/driver.cc")])
 
 
 @pytest.fixture(scope="session")
@@ -564,7 +571,7 @@ def test_workspace_alignment_is_what_xla_grants(driver, tmp_path):
   with open(os.path.join(case.dir, "info.txt")) as f:
     info = dict(line.split() for line in f)
   assert int(info["workspace_alignment"]) <= 16
-  with open(os.path.join(SOURCES, "xla_ext", "cuda_ops.cc")) as f:
+  with open(os.path.join(SOURCES, "xla_ext", "cuda", "ffi_context.h")) as f:
     handlers = f.read()
   requests = re.findall(r"\.Allocate\(([^)]*)\)", handlers)
   assert requests and all(r.split(",")[-1].strip() == "kWorkspaceAlignment" for r in requests), \
@@ -615,7 +622,7 @@ def test_kernels_compile_against_the_fallback_headers(tmp_path):
   includes = [f"-I{os.path.join(SIMT_DIR, 'include')}", f"-I{SIMT_DIR}", f"-I{SOURCES}",
               f"-I{os.path.join(SIMT_DIR, 'fallback')}"]
   for name in CUDA_SOURCES:
-    unit = tmp_path / name.replace(".cu", ".simt.cc")
+    unit = tmp_path / _unit_name(name).replace(".cu", ".simt.cc")
     with open(os.path.join(SOURCES, "xla_ext", name)) as f:
       unit.write_text(_rewrite(f.read(), f"xla_ext/{name}"))
     run = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-Wall",
@@ -655,7 +662,8 @@ def test_ffi_suite_on_the_emulated_cuda_handlers(tmp_path):
            "-Wall", "-Wno-unknown-pragmas"]
   module = _build(os.path.join(tempfile.gettempdir(), "flaxdcn-simt-cache"), compiler,
                   [(SOURCES, f"xla_ext/{name}") for name in CUDA_SOURCES],
-                  [(SOURCES, "xla_ext/cuda_ops.cc"), (ROOT, "tests/simt/native.cc")],
+                  [(SOURCES, "xla_ext/cuda/deform_conv_ffi.cc"),
+                   (SOURCES, "xla_ext/cuda/roi_pool_ffi.cc"), (ROOT, "tests/simt/native.cc")],
                   include=_toolkit_include(), flags=flags, shared=True,
                   extra_includes=[pybind11.get_include(), sysconfig.get_paths()["include"],
                                   jax.ffi.include_dir()])

@@ -41,8 +41,8 @@ EMPTY_CASES = {
 def dcnv3_driver():
   sources = simt_harness.SOURCES
   return simt_harness._session_build(  # pylint: disable=protected-access
-      [(sources, "xla_ext/cuda_accumulate.cu"), (sources, "xla_ext/cuda_dcnv3_kernels.cu")],
-      [(sources, "xla_ext/cpu_dcnv3_kernels.cc"),
+      [(sources, "xla_ext/cuda/accumulate.cu"), (sources, "xla_ext/cuda/dcnv3_kernels.cu")],
+      [(sources, "xla_ext/cpu/dcnv3_kernels.cc"),
        (simt_harness.ROOT, "tests/simt/dcnv3_driver.cc")])
 
 

@@ -18,11 +18,11 @@
 #include <vector>
 
 #include "simt.h"
+#include "xla_ext/common/base.h"
+#include "xla_ext/common/dcnv3.h"
 #include "xla_ext/cpu/dcnv3_kernels.h"
 #include "xla_ext/cpu/types.h"
 #include "xla_ext/cuda/dcnv3_kernels.h"
-#include "xla_ext/common/dcnv3.h"
-#include "xla_ext/common/base.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>

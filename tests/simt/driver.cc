@@ -19,11 +19,15 @@
 #include <vector>
 
 #include "simt.h"
+#include "xla_ext/common/base.h"
+#include "xla_ext/common/deform_conv.h"
+#include "xla_ext/common/roi_pool.h"
 #include "xla_ext/cpu/deform_conv_kernels.h"
+#include "xla_ext/cpu/roi_pool_kernels.h"
 #include "xla_ext/cpu/types.h"
 #include "xla_ext/cuda/accumulate.h"
 #include "xla_ext/cuda/deform_conv_kernels.h"
-#include "xla_ext/common/base.h"
+#include "xla_ext/cuda/roi_pool_kernels.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>

@@ -1,8 +1,8 @@
 // DCNv3 / DCNv4 problem description and the sample location, shared by the CPU kernels, the CUDA
 // kernels and the FFI handlers. The bilinear read itself is DCN's (sampling.h).
 
-#ifndef FLAXDCN_XLA_EXT_DCNV3_PARAMS_H_
-#define FLAXDCN_XLA_EXT_DCNV3_PARAMS_H_
+#ifndef FLAXDCN_XLA_EXT_COMMON_DCNV3_H_
+#define FLAXDCN_XLA_EXT_COMMON_DCNV3_H_
 
 #include <cstdint>
 
@@ -73,4 +73,4 @@ FLAXDCN_HD void Dcnv3Location(const Dcnv3Params& p, int64_t y, int64_t x, int64_
 
 }  // namespace flaxdcn
 
-#endif  // FLAXDCN_XLA_EXT_DCNV3_PARAMS_H_
+#endif  // FLAXDCN_XLA_EXT_COMMON_DCNV3_H_

@@ -7,14 +7,16 @@
 //
 // Corner order q: 0 = (top, left), 1 = (top, right), 2 = (bottom, left), 3 = (bottom, right).
 
-#ifndef FLAXDCN_XLA_EXT_SAMPLING_H_
-#define FLAXDCN_XLA_EXT_SAMPLING_H_
+#ifndef FLAXDCN_XLA_EXT_COMMON_SAMPLING_H_
+#define FLAXDCN_XLA_EXT_COMMON_SAMPLING_H_
 
 #include <math.h>
 
 #include <cstdint>
 
 #include "xla_ext/common/base.h"
+#include "xla_ext/common/deform_conv.h"
+#include "xla_ext/common/roi_pool.h"
 
 namespace flaxdcn {
 
@@ -311,4 +313,4 @@ FLAXDCN_HD A RoiSampleCoord(A origin, A step, int64_t i) {
 
 }  // namespace flaxdcn
 
-#endif  // FLAXDCN_XLA_EXT_SAMPLING_H_
+#endif  // FLAXDCN_XLA_EXT_COMMON_SAMPLING_H_

@@ -1,15 +1,16 @@
-// CPU kernels: plain computations on raw pointers, templated on the stored element type
-// (float, double, Float16, BFloat16). Each function computes one slice of the work (a range of
-// positions, one task of a fixed partition); the FFI handlers spread the slices over threads.
-// Every slice writes a disjoint part of the outputs, so results do not depend on the threads.
+// CPU kernels of the deformable im2col (DCNv1 / DCNv2): plain computations on raw pointers,
+// templated on the stored element type (float, double, Float16, BFloat16). Each function computes
+// one slice of the work (a range of positions, one task of a fixed partition); the FFI handlers
+// (deform_conv_ffi.cc) spread the slices over threads. Every slice writes a disjoint part of the
+// outputs, so results do not depend on the threads.
 
-#ifndef FLAXDCN_XLA_EXT_CPU_KERNELS_H_
-#define FLAXDCN_XLA_EXT_CPU_KERNELS_H_
+#ifndef FLAXDCN_XLA_EXT_CPU_DEFORM_CONV_KERNELS_H_
+#define FLAXDCN_XLA_EXT_CPU_DEFORM_CONV_KERNELS_H_
 
 #include <cstdint>
 
+#include "xla_ext/common/deform_conv.h"
 #include "xla_ext/cpu/types.h"
-#include "xla_ext/common/base.h"
 
 namespace flaxdcn {
 
@@ -36,29 +37,6 @@ void DeformIm2colBackwardCoordCpu(const ConvParams& p, int64_t blocks, const Acc
                                   const T* offset, const T* mask, T* grad_offset, T* grad_mask,
                                   int64_t begin, int64_t end);
 
-// Pooled [R, Ho, Wo, C] for bins [begin, end) of the R * Ho * Wo bins.
-template <typename T>
-void DeformRoiPoolCpu(const RoiPoolParams& p, const T* features, const AccType<T>* rois,
-                      const T* offset, T* pooled, int64_t begin, int64_t end);
-
-// Backward, grad-features for channels [channel_begin, channel_end): accumulates every bin, in
-// bin order, into `grad_features` [N, H, W, C] in the accumulation type; the caller zeroes it.
-template <typename T>
-void DeformRoiPoolBackwardFeaturesCpu(const RoiPoolParams& p, const T* grad_pooled,
-                                      const AccType<T>* rois, const T* offset,
-                                      AccType<T>* grad_features, int64_t channel_begin,
-                                      int64_t channel_end);
-
-// Backward, grad-offset of bins [begin, end) (reductions over all channels).
-template <typename T>
-void DeformRoiPoolBackwardOffsetCpu(const RoiPoolParams& p, const T* grad_pooled,
-                                    const T* features, const AccType<T>* rois, const T* offset,
-                                    T* grad_offset, int64_t begin, int64_t end);
-
-// out[i] = Store(in[i]) for i in [begin, end).
-template <typename T>
-void StoreCpu(const AccType<T>* in, T* out, int64_t begin, int64_t end);
-
 }  // namespace flaxdcn
 
-#endif  // FLAXDCN_XLA_EXT_CPU_KERNELS_H_
+#endif  // FLAXDCN_XLA_EXT_CPU_DEFORM_CONV_KERNELS_H_

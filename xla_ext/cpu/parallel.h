@@ -1,5 +1,5 @@
-// Helpers of the CPU FFI handlers: the thread pool, dtype dispatch, buffer access and the
-// shape-only partition of the backward scatters (shared by every CPU target).
+// Helpers of the CPU launches (cpu/<op>_ffi.cc): the thread pool, dtype dispatch, buffer access
+// and the shape-only partition of the backward scatters (shared by every CPU target).
 
 #ifndef FLAXDCN_XLA_EXT_CPU_PARALLEL_H_
 #define FLAXDCN_XLA_EXT_CPU_PARALLEL_H_
@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
+#include "xla_ext/common/base.h"
 #include "xla_ext/cpu/types.h"
 
 namespace flaxdcn {
@@ -85,27 +86,25 @@ inline ffi::Error OutOfMemory(const char* op) {
                     std::string(op) + ": out of host memory for the kernel's scratch buffers");
 }
 
-// Calls fn(T{}) with T the stored element type of `dtype`; fn returns whether it succeeded (its
+// Calls fn(T{}) with T the stored element type of `type`; fn returns whether it succeeded (its
 // allocations may fail).
 template <typename Fn>
-ffi::Error DispatchCpu(const char* op, ffi::DataType dtype, Fn&& fn) {
+ffi::Error DispatchCpu(const char* op, ElementType type, Fn&& fn) {
   bool ok = false;
   try {
-    switch (dtype) {
-      case ffi::DataType::F32:
+    switch (type) {
+      case ElementType::kF32:
         ok = fn(float{});
         break;
-      case ffi::DataType::F64:
+      case ElementType::kF64:
         ok = fn(double{});
         break;
-      case ffi::DataType::F16:
+      case ElementType::kF16:
         ok = fn(Float16{});
         break;
-      case ffi::DataType::BF16:
+      case ElementType::kBF16:
         ok = fn(BFloat16{});
         break;
-      default:
-        return ffi::Error::InvalidArgument(std::string(op) + ": unsupported dtype");
     }
   } catch (const std::bad_alloc&) {
     ok = false;
@@ -113,13 +112,14 @@ ffi::Error DispatchCpu(const char* op, ffi::DataType dtype, Fn&& fn) {
   return ok ? ffi::Error::Success() : OutOfMemory(op);
 }
 
+// A buffer's data as elements of T.
 template <typename T>
-const T* Data(const ffi::AnyBuffer& b) {
-  return reinterpret_cast<const T*>(b.untyped_data());
+const T* As(const void* data) {
+  return static_cast<const T*>(data);
 }
 template <typename T>
-T* Data(ffi::Result<ffi::AnyBuffer>& b) {
-  return reinterpret_cast<T*>(b->untyped_data());
+T* As(void* data) {
+  return static_cast<T*>(data);
 }
 
 // Channel blocks per group of a backward scatter partitioned by (image, group, channel block).

@@ -1,5 +1,16 @@
-// Grad-input accumulation buffers of the CUDA backward kernels (see cuda_kernels.h for the two
-// modes): workspace layout, preparation and the final conversion into the gradient's dtype.
+// Grad-input accumulation buffers of the CUDA backward kernels: workspace layout, preparation and
+// the final conversion into the gradient's dtype.
+//
+// Grad-input accumulation (a scatter: any sample may hit any pixel) has two modes:
+//  - atomic (default): float atomics into a float32 buffer (into grad-input itself for float32 and
+//    float64). Fast; the summation order, hence the last bits, vary from run to run.
+//  - deterministic: every contribution is rounded to 64-bit fixed point, scaled from a bound of
+//    the largest possible sum computed on the device (max |cotangent| x max |mask| x the most
+//    samples that can reach one pixel), and added with integer atomics, which commute. The result
+//    is bitwise reproducible; its error is at most 2^-62 of that bound per contribution. Non-finite
+//    contributions are summed separately (Inf/NaN absorb, so that sum is order-independent too).
+//    Cost: one extra pass over the cotangent for its maximum, 64-bit atomics, a final conversion
+//    pass, and 8 + sizeof(accumulator) bytes of workspace per grad-input element.
 
 #ifndef FLAXDCN_XLA_EXT_CUDA_ACCUMULATE_H_
 #define FLAXDCN_XLA_EXT_CUDA_ACCUMULATE_H_
@@ -12,9 +23,14 @@
 #include "xla_ext/common/base.h"
 
 namespace flaxdcn {
+
+// Alignment of the backward launchers' workspace: the most XLA's scratch allocator grants (it
+// rejects larger alignments), and all the kernels need (16-byte vectors at the widest).
+constexpr size_t kWorkspaceAlignment = 16;
+
 namespace cuda {
 
-struct FixedScale;  // cuda_common.cuh
+struct FixedScale;  // common.cuh
 
 struct GradBuffers {
   void* atomic;                 // atomic mode: accumulation-type sums (grad itself for f32/f64)

@@ -138,7 +138,7 @@ inline size_t ElementBytes(ElementType type) {
   return type == ElementType::kF64 ? 8 : type == ElementType::kF32 ? 4 : 2;
 }
 
-// How grad-input contributions are summed (see cuda_kernels.h).
+// How grad-input contributions are summed (see accumulate.h).
 enum class Accumulate { kAtomic, kFixedPoint };
 
 // Fixed-point units per unit: 2^shift as the product of two powers of two, each a normal double

@@ -1,4 +1,4 @@
-// CUDA kernels of DCNv3 / DCNv4, channels last, on the sampling core of sampling.h.
+// CUDA kernels of DCNv3 / DCNv4, channels last, on the sampling core of common/sampling.h.
 //
 // Forward: one sub-warp (a power-of-two group of lanes, at most a warp) owns one (position,
 // group): it walks the group's channels in vectors of V, and for each vector sums every point's

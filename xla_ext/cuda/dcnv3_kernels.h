@@ -1,6 +1,6 @@
 // CUDA kernels of DCNv3 / DCNv4 as host functions that enqueue work on a stream. No XLA types
-// here: the FFI handlers (cuda_dcnv3_ops.cc) decode buffers and call these. The grad-input
-// accumulation modes (atomic, or deterministic fixed point) are those of cuda_kernels.h.
+// here: the FFI handlers (dcnv3_ffi.cc) decode buffers and call these. The grad-input
+// accumulation modes (atomic, or deterministic fixed point) are accumulate.h's.
 
 #ifndef FLAXDCN_XLA_EXT_CUDA_DCNV3_KERNELS_H_
 #define FLAXDCN_XLA_EXT_CUDA_DCNV3_KERNELS_H_
@@ -24,7 +24,7 @@ size_t Dcnv3BackwardWorkspace(ElementType type, const Dcnv3Params& p, bool deter
 
 // grad-inputs, grad-offsets and grad-mask (DCNv4: grad_offset_mask and grad_offset_mask + 2P,
 // its padding channels set to 0) from grad_out. `workspace` holds Dcnv3BackwardWorkspace(...)
-// bytes, 16-byte aligned.
+// bytes, kWorkspaceAlignment-aligned.
 cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcnv3Params& p,
                                 bool deterministic, const void* grad_out, const void* input,
                                 const void* offset, const void* mask, void* grad_input,

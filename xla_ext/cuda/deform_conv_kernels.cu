@@ -13,7 +13,7 @@
 #include "xla_ext/cuda/accumulate.h"
 #include "xla_ext/cuda/common.cuh"
 #include "xla_ext/cuda/deform_conv_kernels.h"
-#include "xla_ext/common/base.h"
+#include "xla_ext/common/deform_conv.h"
 #include "xla_ext/common/sampling.h"
 
 namespace flaxdcn {

@@ -10,8 +10,8 @@
 
 #include "xla_ext/cuda/accumulate.h"
 #include "xla_ext/cuda/common.cuh"
-#include "xla_ext/cuda/deform_conv_kernels.h"
-#include "xla_ext/common/base.h"
+#include "xla_ext/cuda/roi_pool_kernels.h"
+#include "xla_ext/common/roi_pool.h"
 #include "xla_ext/common/sampling.h"
 
 namespace flaxdcn {
