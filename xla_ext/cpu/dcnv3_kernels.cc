@@ -4,15 +4,13 @@
 #include <cstdint>
 #include <vector>
 
-#include "xla_ext/cpu/types.h"
 #include "xla_ext/common/dcnv3.h"
 #include "xla_ext/common/sampling.h"
+#include "xla_ext/cpu/channel_rows.h"
+#include "xla_ext/cpu/types.h"
 
 namespace flaxdcn {
 namespace {
-
-// Interleaved partial sums of the channel reductions (a multiple of the SIMD width).
-constexpr int kLanes = 8;
 
 // The sample of position np = n * Ho * Wo + y * Wo + x, group g and point k (column i, row j),
 // with its mask value.
@@ -67,16 +65,7 @@ void Dcnv3Cpu(const Dcnv3Params& p, const T* input, const T* offset, const T* ma
           in[q] = s.pixel[q] >= 0 ? image + s.pixel[q] * p.channels + g * group_channels
                                   : zeros.data();
         }
-        const A w0 = s.weight[0], w1 = s.weight[1], w2 = s.weight[2], w3 = s.weight[3];
-        const T* __restrict in0 = in[0];
-        const T* __restrict in1 = in[1];
-        const T* __restrict in2 = in[2];
-        const T* __restrict in3 = in[3];
-        A* __restrict a = acc.data();
-        for (int64_t c = 0; c < group_channels; ++c) {
-          a[c] += w0 * E::Load(in0[c]) + w1 * E::Load(in1[c]) + w2 * E::Load(in2[c]) +
-                  w3 * E::Load(in3[c]);
-        }
+        AccumulateBilinearRow(group_channels, in[0], in[1], in[2], in[3], s.weight, acc.data());
       }
       T* dst = out + np * p.channels + g * group_channels;
       for (int64_t c = 0; c < group_channels; ++c) dst[c] = E::Store(acc[c]);
@@ -94,12 +83,7 @@ void Dcnv3BackwardInputCpu(const Dcnv3Params& p, int64_t blocks, int64_t task, c
   const int64_t points = p.points();
   const int64_t group_channels = p.group_channels();
   const int64_t pixels = p.height * p.width;
-  const int64_t block_width = (group_channels + blocks - 1) / blocks;
-  const int64_t b = task % blocks;
-  const int64_t g = (task / blocks) % p.groups;
-  const int64_t n = task / (blocks * p.groups);
-  const int64_t c_begin = g * group_channels + b * block_width;
-  const int64_t width = std::min(block_width, group_channels - b * block_width);
+  const auto [n, g, b, c_begin, width] = ChannelBlockOf(task, blocks, p.groups, group_channels);
   const std::vector<int64_t> table = PointTable(p);
 
   // The block's grad-input region, `width` channels per pixel, plus four sink rows for the
@@ -131,60 +115,12 @@ void Dcnv3BackwardInputCpu(const Dcnv3Params& p, int64_t blocks, int64_t task, c
           in[q] = inside ? image + s.pixel[q] * p.channels : zeros.data();
           dst[q] = inside ? acc.data() + s.pixel[q] * width : sink + q * width;
         }
-        const A w0 = s.weight[0], w1 = s.weight[1], w2 = s.weight[2], w3 = s.weight[3];
-        const T* __restrict in0 = in[0];
-        const T* __restrict in1 = in[1];
-        const T* __restrict in2 = in[2];
-        const T* __restrict in3 = in[3];
-        A* __restrict out0 = dst[0];
-        A* __restrict out1 = dst[1];
-        A* __restrict out2 = dst[2];
-        A* __restrict out3 = dst[3];
-        const A* __restrict gv = grad.data();
-        A p0[kLanes] = {}, p1[kLanes] = {}, p2[kLanes] = {}, p3[kLanes] = {};
-        int64_t c = 0;
-        for (; c + kLanes <= width; c += kLanes) {
-          for (int l = 0; l < kLanes; ++l) {
-            const A v = gv[c + l];
-            p0[l] += v * E::Load(in0[c + l]);
-            p1[l] += v * E::Load(in1[c + l]);
-            p2[l] += v * E::Load(in2[c + l]);
-            p3[l] += v * E::Load(in3[c + l]);
-            out0[c + l] += v * w0;
-            out1[c + l] += v * w1;
-            out2[c + l] += v * w2;
-            out3[c + l] += v * w3;
-          }
-        }
-        for (int l = 0; c < width; ++c, ++l) {
-          const A v = gv[c];
-          p0[l] += v * E::Load(in0[c]);
-          p1[l] += v * E::Load(in1[c]);
-          p2[l] += v * E::Load(in2[c]);
-          p3[l] += v * E::Load(in3[c]);
-          out0[c] += v * w0;
-          out1[c] += v * w1;
-          out2[c] += v * w2;
-          out3[c] += v * w3;
-        }
-        A d0 = 0, d1 = 0, d2 = 0, d3 = 0;
-        for (int l = 0; l < kLanes; ++l) {
-          d0 += p0[l];
-          d1 += p1[l];
-          d2 += p2[l];
-          d3 += p3[l];
-        }
-        dots[0] = d0;
-        dots[1] = d1;
-        dots[2] = d2;
-        dots[3] = d3;
+        ScatterAndReduce(width, grad.data(), in[0], in[1], in[2], in[3], s.weight, dst[0], dst[1],
+                         dst[2], dst[3], dots);
       }
     }
   }
-  T* dst = grad_input + n * pixels * p.channels + c_begin;
-  for (int64_t pixel = 0; pixel < pixels; ++pixel) {
-    for (int64_t c = 0; c < width; ++c) dst[pixel * p.channels + c] = E::Store(acc[pixel * width + c]);
-  }
+  StoreBlock(pixels, width, p.channels, acc.data(), grad_input + n * pixels * p.channels + c_begin);
 }
 
 template <typename T>

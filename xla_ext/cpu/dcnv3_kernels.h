@@ -7,8 +7,8 @@
 
 #include <cstdint>
 
-#include "xla_ext/cpu/types.h"
 #include "xla_ext/common/dcnv3.h"
+#include "xla_ext/cpu/types.h"
 
 namespace flaxdcn {
 

@@ -5,15 +5,13 @@
 #include <type_traits>
 #include <vector>
 
-#include "xla_ext/cpu/types.h"
 #include "xla_ext/common/deform_conv.h"
 #include "xla_ext/common/sampling.h"
+#include "xla_ext/cpu/channel_rows.h"
+#include "xla_ext/cpu/types.h"
 
 namespace flaxdcn {
 namespace {
-
-// Interleaved partial sums of the channel reductions (a multiple of the SIMD width).
-constexpr int kLanes = 8;
 
 // The sample of output (y, x) of position np = n * Ho * Wo + y * Wo + x, kernel point (i, j) and
 // offset group g, with its mask. Callers iterate y, x, i, j directly: no division per sample.
@@ -31,73 +29,6 @@ ConvSample<AccType<T>> LoadConvSample(const ConvParams& p, const T* offset, cons
   const A w = A(ConvBaseCol(p, x, j)) + E::Load(offset[base * 2 + 1]);
   *mask_value = m;
   return MakeConvSample<A>(h, w, m, p.height, p.width);
-}
-
-// For c in [0, width): out_q[c] += grad[c] * weight[q], and dots[q] = sum_c grad[c] * in_q[c].
-// The reductions run in kLanes interleaved partial sums, added in lane order at the end, so the
-// loop vectorises without reassociating float math. The restrict-qualified parameters state what
-// the callers guarantee: the four output rows are distinct pixels (or distinct sink rows).
-template <typename T>
-inline void ScatterAndReduce(int64_t width, const T* __restrict grad, const T* __restrict in0,
-                             const T* __restrict in1, const T* __restrict in2,
-                             const T* __restrict in3, const AccType<T>* weight,
-                             AccType<T>* __restrict out0, AccType<T>* __restrict out1,
-                             AccType<T>* __restrict out2, AccType<T>* __restrict out3,
-                             AccType<T>* dots) {
-  using A = AccType<T>;
-  using E = Element<T>;
-  const A w0 = weight[0], w1 = weight[1], w2 = weight[2], w3 = weight[3];
-  A p0[kLanes] = {}, p1[kLanes] = {}, p2[kLanes] = {}, p3[kLanes] = {};
-  int64_t c = 0;
-  for (; c + kLanes <= width; c += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const A gv = E::Load(grad[c + l]);
-      p0[l] += gv * E::Load(in0[c + l]);
-      p1[l] += gv * E::Load(in1[c + l]);
-      p2[l] += gv * E::Load(in2[c + l]);
-      p3[l] += gv * E::Load(in3[c + l]);
-      out0[c + l] += gv * w0;
-      out1[c + l] += gv * w1;
-      out2[c + l] += gv * w2;
-      out3[c + l] += gv * w3;
-    }
-  }
-  for (int l = 0; c < width; ++c, ++l) {
-    const A gv = E::Load(grad[c]);
-    p0[l] += gv * E::Load(in0[c]);
-    p1[l] += gv * E::Load(in1[c]);
-    p2[l] += gv * E::Load(in2[c]);
-    p3[l] += gv * E::Load(in3[c]);
-    out0[c] += gv * w0;
-    out1[c] += gv * w1;
-    out2[c] += gv * w2;
-    out3[c] += gv * w3;
-  }
-  A d0 = 0, d1 = 0, d2 = 0, d3 = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    d0 += p0[l];
-    d1 += p1[l];
-    d2 += p2[l];
-    d3 += p3[l];
-  }
-  dots[0] = d0;
-  dots[1] = d1;
-  dots[2] = d2;
-  dots[3] = d3;
-}
-
-// out[c] = sum_q weight[q] * in_q[c] for c in [0, width).
-template <typename T>
-inline void BilinearRow(int64_t width, const T* __restrict in0, const T* __restrict in1,
-                        const T* __restrict in2, const T* __restrict in3,
-                        const AccType<T>* weight, T* __restrict out) {
-  using A = AccType<T>;
-  using E = Element<T>;
-  const A w0 = weight[0], w1 = weight[1], w2 = weight[2], w3 = weight[3];
-  for (int64_t c = 0; c < width; ++c) {
-    out[c] = E::Store(w0 * E::Load(in0[c]) + w1 * E::Load(in1[c]) + w2 * E::Load(in2[c]) +
-                      w3 * E::Load(in3[c]));
-  }
 }
 
 }  // namespace
@@ -146,12 +77,8 @@ void DeformIm2colBackwardInputCpu(const ConvParams& p, int64_t blocks, int64_t t
   const int64_t kernel_points = p.kernel_points();
   const int64_t group_channels = p.group_channels();
   const int64_t pixels = p.height * p.width;
-  const int64_t block_width = (group_channels + blocks - 1) / blocks;
-  const int64_t b = task % blocks;
-  const int64_t g = (task / blocks) % p.offset_groups;
-  const int64_t n = task / (blocks * p.offset_groups);
-  const int64_t c_begin = g * group_channels + b * block_width;
-  const int64_t width = std::min(block_width, group_channels - b * block_width);
+  const auto [n, g, b, c_begin, width] =
+      ChannelBlockOf(task, blocks, p.offset_groups, group_channels);
 
   // The block's grad-input region: rows of `width` channels, one per pixel.
   std::vector<A> local(kDirect ? 0 : pixels * width, A(0));
@@ -202,12 +129,7 @@ void DeformIm2colBackwardInputCpu(const ConvParams& p, int64_t blocks, int64_t t
     }
   }
   if constexpr (!kDirect) {
-    T* dst = grad_input + n * pixels * p.channels + c_begin;
-    for (int64_t pixel = 0; pixel < pixels; ++pixel) {
-      for (int64_t c = 0; c < width; ++c) {
-        dst[pixel * p.channels + c] = E::Store(acc[pixel * width + c]);
-      }
-    }
+    StoreBlock(pixels, width, p.channels, acc, grad_input + n * pixels * p.channels + c_begin);
   }
 }
 

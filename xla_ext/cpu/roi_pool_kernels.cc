@@ -6,6 +6,7 @@
 
 #include "xla_ext/common/roi_pool.h"
 #include "xla_ext/common/sampling.h"
+#include "xla_ext/cpu/channel_rows.h"
 #include "xla_ext/cpu/types.h"
 
 namespace flaxdcn {
@@ -43,14 +44,9 @@ void DeformRoiPoolCpu(const RoiPoolParams& p, const T* features, const AccType<T
         const A x = RoiSampleCoord(rb.origin_w, rb.step_w, ix);
         const RoiSample<A> s = MakeRoiSample(y, x, p.height, p.width);
         if (!s.valid) continue;
-        const T* f0 = image + s.pixel[0] * p.channels;
-        const T* f1 = image + s.pixel[1] * p.channels;
-        const T* f2 = image + s.pixel[2] * p.channels;
-        const T* f3 = image + s.pixel[3] * p.channels;
-        for (int64_t c = 0; c < p.channels; ++c) {
-          acc[c] += s.weight[0] * E::Load(f0[c]) + s.weight[1] * E::Load(f1[c]) +
-                    s.weight[2] * E::Load(f2[c]) + s.weight[3] * E::Load(f3[c]);
-        }
+        AccumulateBilinearRow(p.channels, image + s.pixel[0] * p.channels,
+                              image + s.pixel[1] * p.channels, image + s.pixel[2] * p.channels,
+                              image + s.pixel[3] * p.channels, s.weight, acc.data());
       }
     }
     T* out = pooled + bin * p.channels;
