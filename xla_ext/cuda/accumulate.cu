@@ -5,8 +5,8 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "xla_ext/cuda/common.cuh"
 #include "xla_ext/common/base.h"
+#include "xla_ext/cuda/common.cuh"
 
 namespace flaxdcn {
 namespace cuda {

@@ -10,15 +10,14 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <initializer_list>
-#include <type_traits>
 
+#include "xla_ext/common/base.h"
+#include "xla_ext/common/dcnv3.h"
+#include "xla_ext/common/sampling.h"
 #include "xla_ext/cuda/accumulate.h"
+#include "xla_ext/cuda/channel_vectors.cuh"
 #include "xla_ext/cuda/common.cuh"
 #include "xla_ext/cuda/dcnv3_kernels.h"
-#include "xla_ext/common/dcnv3.h"
-#include "xla_ext/common/base.h"
-#include "xla_ext/common/sampling.h"
 
 namespace flaxdcn {
 namespace cuda {
@@ -47,8 +46,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     Dcnv3Kernel(Dcnv3Params p, int lanes, const T* __restrict__ input,
                 const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ out) {
   using A = Acc<T>;
-  const int lane = threadIdx.x & (lanes - 1);
-  const int64_t unit = int64_t{blockIdx.x} * (kBlockThreads / lanes) + threadIdx.x / lanes;
+  const int lane = SubWarpLane(lanes);
+  const int64_t unit = SubWarpUnit(lanes);
   if (unit >= p.batch * p.positions() * p.groups) return;
   const int64_t g = unit % p.groups;
   const int64_t np = unit / p.groups;
@@ -64,14 +63,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       A m;
       const ConvSample<A> s = LoadDcnv3Sample(p, np, g, k, offset, mask, &m);
       if (!s.valid) continue;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        if (s.pixel[q] < 0) continue;
-        A val[V];
-        LoadVec<T, V>(image + s.pixel[q] * p.channels + c, val);
-#pragma unroll
-        for (int v = 0; v < V; ++v) acc[v] += s.weight[q] * val[v];
-      }
+      AccumulateCorners<T, V>(p, s, image, c, acc);
     }
     StoreVec<T, V>(dst + c, acc);
   }
@@ -84,12 +76,11 @@ __global__ void __launch_bounds__(kBlockThreads)
                         const T* __restrict__ mask, GradAccumulator<Acc<T>> acc,
                         T* __restrict__ grad_offset, T* __restrict__ grad_mask) {
   using A = Acc<T>;
-  const int lane = threadIdx.x & (lanes - 1);
-  const int64_t sample = int64_t{blockIdx.x} * (kBlockThreads / lanes) + threadIdx.x / lanes;
+  const int lane = SubWarpLane(lanes);
+  const int64_t sample = SubWarpUnit(lanes);
   // Inactive lanes stay to the end: the sub-warp reduction needs every lane of the warp.
   const bool active = sample < p.samples();
-  using Scale = std::remove_cv_t<std::remove_pointer_t<decltype(acc.scale)>>;
-  const Scale scale = M == Accumulate::kFixedPoint ? *acc.scale : Scale{};
+  const FixedScale scale = M == Accumulate::kFixedPoint ? *acc.scale : FixedScale{0.0, 0.0};
   A dots[4] = {A(0), A(0), A(0), A(0)};
   A m = A(1);
   ConvSample<A> s;
@@ -104,25 +95,9 @@ __global__ void __launch_bounds__(kBlockThreads)
     const int64_t group_channels = p.group_channels();
     const int64_t n = np / p.positions();
     const int64_t image_base = n * p.height * p.width * p.channels + g * group_channels;
-    const T* grad = grad_out + np * p.channels + g * group_channels;
-    for (int64_t c = int64_t{lane} * V; c < group_channels; c += int64_t{lanes} * V) {
-      A gv[V];
-      LoadVec<T, V>(grad + c, gv);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        if (s.pixel[q] < 0) continue;
-        const int64_t base = image_base + s.pixel[q] * p.channels + c;
-        A val[V];
-        LoadVec<T, V>(input + base, val);
-        A d = A(0);
-#pragma unroll
-        for (int v = 0; v < V; ++v) {
-          d += gv[v] * val[v];
-          AccumulateAdd<M>(acc, scale, base + v, gv[v] * s.weight[q]);
-        }
-        dots[q] += d;
-      }
-    }
+    ScatterAndReduceVectors<T, V, M>(p, s, lane, lanes, group_channels,
+                                     grad_out + np * p.channels + g * group_channels, input,
+                                     image_base, acc, scale, dots);
   }
 #pragma unroll
   for (int q = 0; q < 4; ++q) dots[q] = SubWarpSum(dots[q], lanes);
@@ -158,35 +133,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   out[i] = mask[(np * p.mask_stride + g * p.mask_group_stride + k) * width + byte];
 }
 
-size_t Bytes(ElementType type) {
-  return type == ElementType::kF64 ? 8 : type == ElementType::kF32 ? 4 : 2;
-}
-
-// The widest vector that divides the group's channels and keeps every access aligned.
-template <typename T>
-int VectorWidth(const Dcnv3Params& p, std::initializer_list<const void*> pointers) {
-  constexpr int kWide = kWideVec<T>;
-  if (p.group_channels() % kWide != 0) return 1;
-  for (const void* ptr : pointers) {
-    if (ptr != nullptr && !Aligned(ptr, kWide * sizeof(T))) return 1;
-  }
-  return kWide;
-}
-
-template <typename T, Accumulate M>
-void LaunchBackwardKernel(cudaStream_t stream, const Dcnv3Params& p, int width, int lanes,
-                          const T* gout, const T* in, const T* off, const T* msk,
-                          const GradAccumulator<Acc<T>>& acc, T* goff, T* gmsk) {
-  const unsigned int grid = GridFor(p.samples(), lanes);
-  if (width == kWideVec<T>) {
-    Dcnv3BackwardKernel<T, kWideVec<T>, M><<<grid, kBlockThreads, 0, stream>>>(
-        p, lanes, gout, in, off, msk, acc, goff, gmsk);
-  } else {
-    Dcnv3BackwardKernel<T, 1, M><<<grid, kBlockThreads, 0, stream>>>(p, lanes, gout, in, off,
-                                                                       msk, acc, goff, gmsk);
-  }
-}
-
 }  // namespace
 }  // namespace cuda
 
@@ -204,12 +150,10 @@ cudaError_t LaunchDcnv3(cudaStream_t stream, ElementType type, const Dcnv3Params
     const auto* off = static_cast<const T*>(offset);
     const auto* msk = static_cast<const T*>(mask);
     auto* dst = static_cast<T*>(out);
-    if (width == kWideVec<T>) {
-      Dcnv3Kernel<T, kWideVec<T>><<<grid, kBlockThreads, 0, stream>>>(p, lanes, in, off, msk,
-                                                                      dst);
-    } else {
-      Dcnv3Kernel<T, 1><<<grid, kBlockThreads, 0, stream>>>(p, lanes, in, off, msk, dst);
-    }
+    WithWidth<T>(width, [&](auto v) {
+      constexpr int kV = decltype(v)::value;
+      Dcnv3Kernel<T, kV><<<grid, kBlockThreads, 0, stream>>>(p, lanes, in, off, msk, dst);
+    });
     return cudaGetLastError();
   });
 }
@@ -222,7 +166,7 @@ namespace {
 size_t GatheredMaskBytes(ElementType type, const Dcnv3Params& p, bool deterministic) {
   const bool packed = p.mask_stride == p.offset_stride;  // DCNv4 (DCNv3: G*P vs 2*G*P)
   if (!deterministic || !packed) return 0;
-  const size_t bytes = p.samples() * cuda::Bytes(type);
+  const size_t bytes = p.samples() * cuda::ElementBytes(type);
   return (bytes + 15) / 16 * 16;  // keeps the accumulation buffers 16-byte aligned
 }
 
@@ -241,7 +185,7 @@ cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcn
   using namespace cuda;  // NOLINT
   const int64_t elements = p.batch * p.height * p.width * p.channels;
   const int64_t rows = p.batch * p.positions();
-  const size_t bytes = Bytes(type);
+  const size_t bytes = ElementBytes(type);
   if (p.pad_channels_begin > 0 && rows > 0) {
     // DCNv4's padding channels: the tail of every row of grad_offset_mask.
     const int64_t width = (p.offset_stride - p.pad_channels_begin) * bytes;
@@ -306,6 +250,7 @@ cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcn
     using A = Acc<T>;
     const int width = VectorWidth<T>(p, {grad_out, input});
     const int lanes = SubWarpLanes(p.group_channels() / width);
+    const unsigned int grid = GridFor(p.samples(), lanes);
     const GradAccumulator<A> acc{static_cast<A*>(buffers.atomic), buffers.fixed,
                                  static_cast<A*>(buffers.special), buffers.scale};
     const auto* gout = static_cast<const T*>(grad_out);
@@ -314,13 +259,12 @@ cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcn
     const auto* msk = static_cast<const T*>(mask);
     auto* goff = static_cast<T*>(grad_offset);
     auto* gmsk = static_cast<T*>(grad_mask);
-    if (deterministic) {
-      LaunchBackwardKernel<T, Accumulate::kFixedPoint>(stream, p, width, lanes, gout, in, off,
-                                                        msk, acc, goff, gmsk);
-    } else {
-      LaunchBackwardKernel<T, Accumulate::kAtomic>(stream, p, width, lanes, gout, in, off, msk,
-                                                   acc, goff, gmsk);
-    }
+    WithWidthAndMode<T>(width, deterministic, [&](auto v, auto mode) {
+      constexpr int kV = decltype(v)::value;
+      constexpr Accumulate kMode = decltype(mode)::value;
+      Dcnv3BackwardKernel<T, kV, kMode><<<grid, kBlockThreads, 0, stream>>>(
+          p, lanes, gout, in, off, msk, acc, goff, gmsk);
+    });
     return cudaGetLastError();
   });
   if (status != cudaSuccess) return status;

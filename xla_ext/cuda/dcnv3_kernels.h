@@ -9,8 +9,8 @@
 
 #include <cuda_runtime_api.h>
 
-#include "xla_ext/common/dcnv3.h"
 #include "xla_ext/common/base.h"
+#include "xla_ext/common/dcnv3.h"
 
 namespace flaxdcn {
 

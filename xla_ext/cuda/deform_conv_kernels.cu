@@ -10,11 +10,12 @@
 
 #include <cstdint>
 
-#include "xla_ext/cuda/accumulate.h"
-#include "xla_ext/cuda/common.cuh"
-#include "xla_ext/cuda/deform_conv_kernels.h"
 #include "xla_ext/common/deform_conv.h"
 #include "xla_ext/common/sampling.h"
+#include "xla_ext/cuda/accumulate.h"
+#include "xla_ext/cuda/channel_vectors.cuh"
+#include "xla_ext/cuda/common.cuh"
+#include "xla_ext/cuda/deform_conv_kernels.h"
 
 namespace flaxdcn {
 namespace cuda {
@@ -62,8 +63,8 @@ __global__ void __launch_bounds__(kBlockThreads)
                        const T* __restrict__ offset, const T* __restrict__ mask,
                        T* __restrict__ columns) {
   using A = Acc<T>;
-  const int lane = threadIdx.x & (lanes - 1);
-  const int64_t sample = int64_t{blockIdx.x} * (kBlockThreads / lanes) + threadIdx.x / lanes;
+  const int lane = SubWarpLane(lanes);
+  const int64_t sample = SubWarpUnit(lanes);
   if (sample >= p.samples()) return;
   const SampleIndex si = DecodeSample(p, sample);
   A m;
@@ -75,14 +76,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     A acc[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[i] = A(0);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      if (s.pixel[q] < 0) continue;
-      A v[V];
-      LoadVec<T, V>(image + s.pixel[q] * p.channels + c, v);
-#pragma unroll
-      for (int i = 0; i < V; ++i) acc[i] += s.weight[q] * v[i];
-    }
+    AccumulateCorners<T, V>(p, s, image, c, acc);
     StoreVec<T, V>(out + c, acc);
   }
 }
@@ -94,8 +88,8 @@ __global__ void __launch_bounds__(kBlockThreads)
                                const T* __restrict__ mask, GradAccumulator<Acc<T>> acc,
                                T* __restrict__ grad_offset, T* __restrict__ grad_mask) {
   using A = Acc<T>;
-  const int lane = threadIdx.x & (lanes - 1);
-  const int64_t sample = int64_t{blockIdx.x} * (kBlockThreads / lanes) + threadIdx.x / lanes;
+  const int lane = SubWarpLane(lanes);
+  const int64_t sample = SubWarpUnit(lanes);
   // Inactive lanes stay to the end: the sub-warp reduction needs every lane of the warp.
   const bool active = sample < p.samples();
   const FixedScale scale = M == Accumulate::kFixedPoint ? *acc.scale : FixedScale{0.0, 0.0};
@@ -110,25 +104,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (active && s.valid) {
     const int64_t group_channels = p.group_channels();
     const int64_t image_base = si.n * p.height * p.width * p.channels + si.g * group_channels;
-    const T* grad = grad_columns + sample * group_channels;
-    for (int64_t c = int64_t{lane} * V; c < group_channels; c += int64_t{lanes} * V) {
-      A gv[V];
-      LoadVec<T, V>(grad + c, gv);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        if (s.pixel[q] < 0) continue;
-        const int64_t base = image_base + s.pixel[q] * p.channels + c;
-        A v[V];
-        LoadVec<T, V>(input + base, v);
-        A d = A(0);
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          d += gv[i] * v[i];
-          AccumulateAdd<M>(acc, scale, base + i, gv[i] * s.weight[q]);
-        }
-        dots[q] += d;
-      }
-    }
+    ScatterAndReduceVectors<T, V, M>(p, s, lane, lanes, group_channels,
+                                     grad_columns + sample * group_channels, input, image_base,
+                                     acc, scale, dots);
   }
 #pragma unroll
   for (int q = 0; q < 4; ++q) dots[q] = SubWarpSum(dots[q], lanes);
@@ -140,17 +118,6 @@ __global__ void __launch_bounds__(kBlockThreads)
     grad_offset[channel * 2 + 1] = FromAcc<T>(g.w);
     if (p.has_mask) grad_mask[channel] = FromAcc<T>(g.mask);
   }
-}
-
-// The widest vector that divides the group's channels and keeps every access aligned.
-template <typename T>
-int VectorWidth(const ConvParams& p, std::initializer_list<const void*> pointers) {
-  constexpr int kWide = kWideVec<T>;
-  if (p.group_channels() % kWide != 0) return 1;
-  for (const void* ptr : pointers) {
-    if (ptr != nullptr && !Aligned(ptr, kWide * sizeof(T))) return 1;
-  }
-  return kWide;
 }
 
 }  // namespace
@@ -170,12 +137,10 @@ cudaError_t LaunchDeformIm2col(cudaStream_t stream, ElementType type, const Conv
     const auto* off = static_cast<const T*>(offset);
     const auto* msk = static_cast<const T*>(mask);
     auto* out = static_cast<T*>(columns);
-    if (width == kWideVec<T>) {
-      DeformIm2colKernel<T, kWideVec<T>><<<grid, kBlockThreads, 0, stream>>>(p, lanes, in, off,
-                                                                             msk, out);
-    } else {
-      DeformIm2colKernel<T, 1><<<grid, kBlockThreads, 0, stream>>>(p, lanes, in, off, msk, out);
-    }
+    WithWidth<T>(width, [&](auto v) {
+      constexpr int kV = decltype(v)::value;
+      DeformIm2colKernel<T, kV><<<grid, kBlockThreads, 0, stream>>>(p, lanes, in, off, msk, out);
+    });
     return cudaGetLastError();
   });
 }
@@ -245,26 +210,12 @@ cudaError_t LaunchDeformIm2colBackward(cudaStream_t stream, ElementType type, co
     const auto* msk = static_cast<const T*>(mask);
     auto* goff = static_cast<T*>(grad_offset);
     auto* gmsk = static_cast<T*>(grad_mask);
-    constexpr int kWide = kWideVec<T>;
-    if (deterministic) {
-      constexpr Accumulate kMode = Accumulate::kFixedPoint;
-      if (width == kWide) {
-        DeformIm2colBackwardKernel<T, kWide, kMode><<<grid, kBlockThreads, 0, stream>>>(
-            p, lanes, gcol, in, off, msk, acc, goff, gmsk);
-      } else {
-        DeformIm2colBackwardKernel<T, 1, kMode><<<grid, kBlockThreads, 0, stream>>>(
-            p, lanes, gcol, in, off, msk, acc, goff, gmsk);
-      }
-    } else {
-      constexpr Accumulate kMode = Accumulate::kAtomic;
-      if (width == kWide) {
-        DeformIm2colBackwardKernel<T, kWide, kMode><<<grid, kBlockThreads, 0, stream>>>(
-            p, lanes, gcol, in, off, msk, acc, goff, gmsk);
-      } else {
-        DeformIm2colBackwardKernel<T, 1, kMode><<<grid, kBlockThreads, 0, stream>>>(
-            p, lanes, gcol, in, off, msk, acc, goff, gmsk);
-      }
-    }
+    WithWidthAndMode<T>(width, deterministic, [&](auto v, auto mode) {
+      constexpr int kV = decltype(v)::value;
+      constexpr Accumulate kMode = decltype(mode)::value;
+      DeformIm2colBackwardKernel<T, kV, kMode><<<grid, kBlockThreads, 0, stream>>>(
+          p, lanes, gcol, in, off, msk, acc, goff, gmsk);
+    });
     return cudaGetLastError();
   });
   if (status != cudaSuccess) return status;

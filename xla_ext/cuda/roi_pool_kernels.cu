@@ -8,11 +8,11 @@
 
 #include <cstdint>
 
+#include "xla_ext/common/roi_pool.h"
+#include "xla_ext/common/sampling.h"
 #include "xla_ext/cuda/accumulate.h"
 #include "xla_ext/cuda/common.cuh"
 #include "xla_ext/cuda/roi_pool_kernels.h"
-#include "xla_ext/common/roi_pool.h"
-#include "xla_ext/common/sampling.h"
 
 namespace flaxdcn {
 namespace cuda {
