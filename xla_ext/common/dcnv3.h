@@ -51,6 +51,25 @@ struct Dcnv3Params {
   FLAXDCN_HD int64_t samples() const { return batch * positions() * groups * points(); }
 };
 
+// Sets the strides of `p` (whose shapes and geometry are set) for DCNv3's offsets and mask
+// (dcnv4 false) or DCNv4's offset_mask, D = G * P * 3 rounded up to a multiple of 8 (dcnv4 true).
+inline void SetDcnv3Layout(Dcnv3Params* p, bool dcnv4) {
+  const int64_t points = p->points();
+  const int64_t gp = p->groups * points;
+  if (!dcnv4) {
+    p->offset_stride = gp * 2;
+    p->offset_group_stride = points * 2;
+    p->mask_stride = gp;
+    p->mask_group_stride = points;
+    p->pad_channels_begin = 0;
+  } else {
+    const int64_t d = (gp * 3 + 7) / 8 * 8;
+    p->offset_stride = p->mask_stride = d;
+    p->offset_group_stride = p->mask_group_stride = points * 3;
+    p->pad_channels_begin = gp * 3 < d ? gp * 3 : 0;
+  }
+}
+
 // Kernel column i and row j of point k: column-major (k = i * kh + j), skipping the centre
 // (kw / 2, kh / 2) -- index kh * kw / 2 for odd kernels -- with remove_center.
 FLAXDCN_HD void Dcnv3Point(const Dcnv3Params& p, int64_t k, int64_t* i, int64_t* j) {

@@ -117,30 +117,19 @@ inline ffi::ErrorOr<Dcnv3Params> MakeDcnv3Params(const char* op, const ffi::AnyB
       e.failure()) {
     return ffi::Unexpected<ffi::Error>(std::move(e));
   }
-  const int64_t points = p.points();
-  const int64_t gp = p.groups * points;
+  SetDcnv3Layout(&p, mask == nullptr);
   if (mask != nullptr) {
-    p.offset_stride = gp * 2;
-    p.offset_group_stride = points * 2;
-    p.mask_stride = gp;
-    p.mask_group_stride = points;
-    p.pad_channels_begin = 0;
     for (ffi::Error e :
          {ExpectShape(op, "offsets", offset.dimensions(),
-                      {p.batch, p.out_height, p.out_width, gp * 2}),
-          ExpectShape(op, "mask", mask->dimensions(), {p.batch, p.out_height, p.out_width, gp})}) {
+                      {p.batch, p.out_height, p.out_width, p.offset_stride}),
+          ExpectShape(op, "mask", mask->dimensions(),
+                      {p.batch, p.out_height, p.out_width, p.mask_stride})}) {
       if (e.failure()) return ffi::Unexpected<ffi::Error>(std::move(e));
     }
-  } else {
-    const int64_t d = (gp * 3 + 7) / 8 * 8;
-    p.offset_stride = p.mask_stride = d;
-    p.offset_group_stride = p.mask_group_stride = points * 3;
-    p.pad_channels_begin = gp * 3 < d ? gp * 3 : 0;
-    if (ffi::Error e = ExpectShape(op, "offset_mask", offset.dimensions(),
-                                   {p.batch, p.out_height, p.out_width, d});
-        e.failure()) {
-      return ffi::Unexpected<ffi::Error>(std::move(e));
-    }
+  } else if (ffi::Error e = ExpectShape(op, "offset_mask", offset.dimensions(),
+                                        {p.batch, p.out_height, p.out_width, p.offset_stride});
+             e.failure()) {
+    return ffi::Unexpected<ffi::Error>(std::move(e));
   }
   return p;
 }
