@@ -572,8 +572,8 @@ def test_fixed_point_scale(driver, tmp_path):
 
 def test_workspace_alignment_is_what_xla_grants(driver, tmp_path):
   """XLA's scratch allocator rejects alignments above 16 bytes: the CUDA launches ask for
-  kWorkspaceAlignment (xla_ext/cuda/ffi_context.h), which must not exceed that. Every emulated backward above ran on a
-  workspace 16 bytes past a 256-byte boundary, so nothing needs more."""
+  kWorkspaceAlignment (xla_ext/cuda/ffi_context.h), which must not exceed that. Every emulated
+  backward above ran on a workspace 16 bytes past a 256-byte boundary, so nothing needs more."""
   (case,) = _run(driver, [Case("info", "f32", {})], tmp_path)
   with open(os.path.join(case.dir, "info.txt")) as f:
     info = dict(line.split() for line in f)
@@ -650,10 +650,10 @@ FFI_SELECTION = "not cuda_kernels_compiled and not cpu_backward_is_deterministic
                     reason="opt-in (FLAXDCN_SIMT_FFI=1): past the CI budget of the simt tests")
 def test_ffi_suite_on_the_emulated_cuda_handlers(tmp_path):
   """tests/test_ffi.py (ffi against the jnp implementation and loops: gradients, vmap, jit,
-  sharding) with ``flaxdcn._native`` replaced by the CUDA FFI handlers (xla_ext/cuda/<op>_ffi.cc)
-  and the CUDA kernels under the emulation, registered as CPU targets (tests/simt/native.cc). Their device
-  allocator rejects alignments above 16 bytes, as XLA's does. ``$FLAXDCN_SIMT_FFI_K`` replaces
-  the ``-k`` selection."""
+  sharding) with ``flaxdcn._native`` replaced by the CUDA FFI handlers
+  (xla_ext/cuda/<op>_ffi.cc) and the CUDA kernels under the emulation, registered as CPU targets
+  (tests/simt/native.cc). Their device allocator rejects alignments above 16 bytes, as XLA's
+  does. ``$FLAXDCN_SIMT_FFI_K`` replaces the ``-k`` selection."""
   import sys
   import sysconfig
 

@@ -1,5 +1,6 @@
-// SIMT driver cases of the CUDA backward's grad accumulation (ops maxabs, scale, info): the fixed-point helpers of
-// xla_ext/cuda/accumulate.h (emulated), and the workspace alignment the launchers ask for.
+// SIMT driver cases of the CUDA backward's grad accumulation (ops maxabs, scale, info): the
+// fixed-point helpers of xla_ext/cuda/accumulate.h (emulated), and the workspace alignment the
+// launchers ask for.
 
 #include <cstddef>
 #include <cstdint>

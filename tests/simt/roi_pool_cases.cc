@@ -1,5 +1,5 @@
-// SIMT driver cases of deformable RoI pooling (op roi): the CUDA launchers (emulated) and the CPU kernels on the
-// same inputs, both results written for tests/test_simt.py to compare.
+// SIMT driver cases of deformable RoI pooling (op roi): the CUDA launchers (emulated) and the CPU
+// kernels on the same inputs, both results written for tests/test_simt.py to compare.
 
 #include <cstddef>
 #include <cstdint>

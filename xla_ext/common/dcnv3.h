@@ -1,5 +1,6 @@
 // DCNv3 / DCNv4 problem description and the sample location, shared by the CPU kernels, the CUDA
-// kernels and the FFI handlers. The bilinear read itself is DCN's (sampling.h).
+// kernels and the FFI handlers. The window is DCN's (deform_conv.h), and so is the bilinear read
+// (sampling.h).
 
 #ifndef FLAXDCN_XLA_EXT_COMMON_DCNV3_H_
 #define FLAXDCN_XLA_EXT_COMMON_DCNV3_H_
@@ -7,6 +8,7 @@
 #include <cstdint>
 
 #include "xla_ext/common/base.h"
+#include "xla_ext/common/deform_conv.h"
 
 namespace flaxdcn {
 
@@ -18,21 +20,7 @@ namespace flaxdcn {
 // DCNv3: offsets [N, Ho, Wo, G * P * 2] (strides G*P*2, 2P), mask [N, Ho, Wo, G * P] (G*P, P).
 // DCNv4: one offset_mask [N, Ho, Wo, D] (strides D, 3P for both), mask = offset_mask + 2P, and
 // the channels [3GP, D) of each position are padding (their gradient is written as 0).
-struct Dcnv3Params {
-  int64_t batch;
-  int64_t height;
-  int64_t width;
-  int64_t channels;
-  int64_t out_height;
-  int64_t out_width;
-  int64_t kernel_h;
-  int64_t kernel_w;
-  int64_t stride_h;
-  int64_t stride_w;
-  int64_t pad_h;  // padding before the first row
-  int64_t pad_w;  // padding before the first column
-  int64_t dilation_h;
-  int64_t dilation_w;
+struct Dcnv3Params : ConvShape, ConvWindow {
   int64_t groups;
   double offset_scale;
   bool remove_center;
@@ -45,7 +33,6 @@ struct Dcnv3Params {
   FLAXDCN_HD int64_t points() const {
     return kernel_h * kernel_w - (remove_center ? 1 : 0);
   }
-  FLAXDCN_HD int64_t positions() const { return out_height * out_width; }
   FLAXDCN_HD int64_t group_channels() const { return channels / groups; }
   // One sample is one (n, y, x, g, k): the unit that owns a set of bilinear weights.
   FLAXDCN_HD int64_t samples() const { return batch * positions() * groups * points(); }

@@ -14,13 +14,15 @@
 #include "xla/ffi/api/ffi.h"
 #include "xla_ext/common/base.h"
 #include "xla_ext/common/dcnv3.h"
+#include "xla_ext/common/deform_conv.h"
+#include "xla_ext/common/deform_conv_ffi.h"
 #include "xla_ext/common/ffi_helpers.h"
 
 namespace flaxdcn {
 
-// The attributes of flaxdcn_dcnv3 and flaxdcn_dcnv4.
-struct Dcnv3Attrs {
-  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups;
+// The attributes of flaxdcn_dcnv3 and flaxdcn_dcnv4: the window, groups and sampling options.
+struct Dcnv3Attrs : ConvWindow {
+  int64_t groups;
   double offset_scale;
   bool remove_center;
 };
@@ -32,19 +34,12 @@ struct Dcnv3BwdAttrs : Dcnv3Attrs {
 
 }  // namespace flaxdcn
 
-// Decoded by name from the call's attribute dictionary, which must hold exactly these.
-#define FLAXDCN_DCNV3_ATTRS                                              \
-  StructMember<int64_t>("kernel_h"),       /* kh */                       \
-      StructMember<int64_t>("kernel_w"),   /* kw */                       \
-      StructMember<int64_t>("stride_h"),   /* sh */                       \
-      StructMember<int64_t>("stride_w"),   /* sw */                       \
-      StructMember<int64_t>("pad_h"),      /* padding before row 0 */     \
-      StructMember<int64_t>("pad_w"),      /* padding before column 0 */  \
-      StructMember<int64_t>("dilation_h"), /* dh */                       \
-      StructMember<int64_t>("dilation_w"), /* dw */                       \
-      StructMember<int64_t>("groups"),     /* G */                        \
-      StructMember<double>("offset_scale"), /* s */                       \
-      StructMember<bool>("remove_center")  /* skip the kernel centre */
+// Decoded by name (see common/deform_conv_ffi.h): the window, then DCNv3's own.
+#define FLAXDCN_DCNV3_ATTRS                                                     \
+  FLAXDCN_CONV_WINDOW_ATTRS,                                                    \
+      StructMember<int64_t>("groups"),      /* G */                             \
+      StructMember<double>("offset_scale"), /* s */                             \
+      StructMember<bool>("remove_center")   /* skip the kernel centre */
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::flaxdcn::Dcnv3Attrs, FLAXDCN_DCNV3_ATTRS);
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
@@ -74,43 +69,20 @@ inline ffi::ErrorOr<Dcnv3Params> MakeDcnv3Params(const char* op, const ffi::AnyB
       (mask != nullptr && mask->element_type() != dtype)) {
     return Invalid(prefix + "all buffers must share one dtype");
   }
-  if (a.kernel_h < 1 || a.kernel_w < 1 || a.stride_h < 1 || a.stride_w < 1 || a.dilation_h < 1 ||
-      a.dilation_w < 1 || a.groups < 1) {
-    return Invalid(prefix + "kernel size, strides, dilation and groups must be >= 1");
+  Dcnv3Params p;
+  static_cast<ConvWindow&>(p) = a;
+  p.groups = a.groups;
+  p.offset_scale = a.offset_scale;
+  p.remove_center = a.remove_center;
+  const auto o = out.dimensions();
+  if (ffi::Error e = SetConvShape(op, a, a.groups, "groups", input, "output", o,
+                                  "[N, Ho, Wo, C]", &p);
+      e.failure()) {
+    return ffi::Unexpected<ffi::Error>(std::move(e));
   }
   if (a.remove_center && (a.kernel_h % 2 == 0 || a.kernel_w % 2 == 0 ||
                           a.kernel_h * a.kernel_w == 1)) {
     return Invalid(prefix + "remove_center needs an odd kernel larger than 1 x 1");
-  }
-  const auto in = input.dimensions();
-  const auto o = out.dimensions();
-  if (in.size() != 4) {
-    return Invalid(prefix + "inputs has shape " + ShapeString(in) + ", expected [N, H, W, C]");
-  }
-  if (o.size() != 4) {
-    return Invalid(prefix + "output has shape " + ShapeString(o) + ", expected [N, Ho, Wo, C]");
-  }
-  Dcnv3Params p;
-  p.batch = in[0];
-  p.height = in[1];
-  p.width = in[2];
-  p.channels = in[3];
-  p.out_height = o[1];
-  p.out_width = o[2];
-  p.kernel_h = a.kernel_h;
-  p.kernel_w = a.kernel_w;
-  p.stride_h = a.stride_h;
-  p.stride_w = a.stride_w;
-  p.pad_h = a.pad_h;
-  p.pad_w = a.pad_w;
-  p.dilation_h = a.dilation_h;
-  p.dilation_w = a.dilation_w;
-  p.groups = a.groups;
-  p.offset_scale = a.offset_scale;
-  p.remove_center = a.remove_center;
-  if (p.channels % p.groups != 0) {
-    return Invalid(prefix + "channels " + std::to_string(p.channels) +
-                   " not divisible by groups " + std::to_string(p.groups));
   }
   if (ffi::Error e = ExpectShape(op, "output", o, {p.batch, p.out_height, p.out_width,
                                                     p.channels});

@@ -1,7 +1,8 @@
 // FFI of the deformable im2col targets (flaxdcn_deform_im2col, flaxdcn_deform_im2col_bwd), one
 // definition for every backend: the attributes as a struct, the buffer checks that make a
 // ConvParams, the binding and the handler body. A backend implements the two launches declared
-// below as overloads on its context and defines the handler symbols, in <backend>/deform_conv_ffi.cc:
+// below as overloads on its context and defines the handler symbols, in
+// <backend>/deform_conv_ffi.cc:
 //
 //   XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDeformIm2colCpu, flaxdcn::DeformIm2col<ffi::ThreadPool>,
 //                                 flaxdcn::DeformIm2colBinding<ffi::ThreadPool>());
@@ -20,9 +21,8 @@
 
 namespace flaxdcn {
 
-// The attributes of flaxdcn_deform_im2col.
-struct DeformConvAttrs {
-  int64_t kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
+// The attributes of flaxdcn_deform_im2col: the window and the offset groups.
+struct DeformConvAttrs : ConvWindow {
   int64_t offset_groups;
 };
 
@@ -33,17 +33,20 @@ struct DeformConvBwdAttrs : DeformConvAttrs {
 
 }  // namespace flaxdcn
 
-// Decoded by name from the call's attribute dictionary, which must hold exactly these.
-#define FLAXDCN_DEFORM_CONV_ATTRS                                  \
-  StructMember<int64_t>("kernel_h"),       /* kh */                 \
-      StructMember<int64_t>("kernel_w"),   /* kw */                 \
-      StructMember<int64_t>("stride_h"),   /* sh */                 \
-      StructMember<int64_t>("stride_w"),   /* sw */                 \
-      StructMember<int64_t>("pad_h"),      /* padding before row 0 */    \
-      StructMember<int64_t>("pad_w"),      /* padding before column 0 */ \
-      StructMember<int64_t>("dilation_h"), /* dh */                 \
-      StructMember<int64_t>("dilation_w"), /* dw */                 \
-      StructMember<int64_t>("offset_groups") /* G */
+// The attributes decode by name from the call's attribute dictionary, which must hold exactly a
+// struct's members. ConvWindow's come first in the deformable conv and DCNv3 structs:
+#define FLAXDCN_CONV_WINDOW_ATTRS                                               \
+  StructMember<int64_t>("kernel_h"),       /* kh */                             \
+      StructMember<int64_t>("kernel_w"),   /* kw */                             \
+      StructMember<int64_t>("stride_h"),   /* sh */                             \
+      StructMember<int64_t>("stride_w"),   /* sw */                             \
+      StructMember<int64_t>("pad_h"),      /* padding before row 0 */           \
+      StructMember<int64_t>("pad_w"),      /* padding before column 0 */        \
+      StructMember<int64_t>("dilation_h"), /* dh */                             \
+      StructMember<int64_t>("dilation_w")  /* dw */
+
+#define FLAXDCN_DEFORM_CONV_ATTRS \
+  FLAXDCN_CONV_WINDOW_ATTRS, StructMember<int64_t>("offset_groups") /* G */
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::flaxdcn::DeformConvAttrs, FLAXDCN_DEFORM_CONV_ATTRS);
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
@@ -54,6 +57,43 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
 #undef FLAXDCN_DEFORM_CONV_ATTRS
 
 namespace flaxdcn {
+
+// Checks the window (sizes, strides and dilation >= 1) and `groups` (>= 1, `groups_name` in the
+// message), inputs [N, H, W, C] and `out` of rank 4 (`out_name` with layout `out_layout` in the
+// message), then sets `shape` to N, H, W, C and Ho, Wo = out's dimensions 1 and 2. Shared by the
+// deformable conv and DCNv3 targets.
+inline ffi::Error SetConvShape(const char* op, const ConvWindow& w, int64_t groups,
+                               const char* groups_name, const ffi::AnyBuffer& input,
+                               const char* out_name, ffi::AnyBuffer::Dimensions out,
+                               const char* out_layout, ConvShape* shape) {
+  const std::string prefix = std::string(op) + ": ";
+  if (w.kernel_h < 1 || w.kernel_w < 1 || w.stride_h < 1 || w.stride_w < 1 || w.dilation_h < 1 ||
+      w.dilation_w < 1 || groups < 1) {
+    return ffi::Error::InvalidArgument(prefix + "kernel size, strides, dilation and " +
+                                       groups_name + " must be >= 1");
+  }
+  const auto in = input.dimensions();
+  if (in.size() != 4) {
+    return ffi::Error::InvalidArgument(prefix + "inputs has shape " + ShapeString(in) +
+                                       ", expected [N, H, W, C]");
+  }
+  if (out.size() != 4) {
+    return ffi::Error::InvalidArgument(prefix + out_name + " has shape " + ShapeString(out) +
+                                       ", expected " + out_layout);
+  }
+  shape->batch = in[0];
+  shape->height = in[1];
+  shape->width = in[2];
+  shape->channels = in[3];
+  shape->out_height = out[1];
+  shape->out_width = out[2];
+  if (shape->channels % groups != 0) {
+    return ffi::Error::InvalidArgument(prefix + "channels " + std::to_string(shape->channels) +
+                                       " not divisible by " + groups_name + " " +
+                                       std::to_string(groups));
+  }
+  return ffi::Error::Success();
+}
 
 // Checks inputs [N, H, W, C], offsets [N, Ho, Wo, G * K * 2], mask [N, Ho, Wo, G * K] or
 // [N, Ho, Wo, 0] (no mask), one floating dtype, and the geometry attributes.
@@ -69,38 +109,14 @@ inline ffi::ErrorOr<ConvParams> MakeConvParams(const char* op, const ffi::AnyBuf
       mask.element_type() != input.element_type()) {
     return Invalid(prefix + "inputs, offsets and mask must share one dtype");
   }
-  if (a.kernel_h < 1 || a.kernel_w < 1 || a.stride_h < 1 || a.stride_w < 1 || a.dilation_h < 1 ||
-      a.dilation_w < 1 || a.offset_groups < 1) {
-    return Invalid(prefix + "kernel size, strides, dilation and offset groups must be >= 1");
-  }
-  const auto in = input.dimensions();
-  const auto off = offset.dimensions();
-  if (in.size() != 4) {
-    return Invalid(prefix + "inputs has shape " + ShapeString(in) + ", expected [N, H, W, C]");
-  }
-  if (off.size() != 4) {
-    return Invalid(prefix + "offsets has shape " + ShapeString(off) +
-                   ", expected [N, Ho, Wo, G * kh * kw * 2]");
-  }
   ConvParams p;
-  p.batch = in[0];
-  p.height = in[1];
-  p.width = in[2];
-  p.channels = in[3];
-  p.out_height = off[1];
-  p.out_width = off[2];
-  p.kernel_h = a.kernel_h;
-  p.kernel_w = a.kernel_w;
-  p.stride_h = a.stride_h;
-  p.stride_w = a.stride_w;
-  p.pad_h = a.pad_h;
-  p.pad_w = a.pad_w;
-  p.dilation_h = a.dilation_h;
-  p.dilation_w = a.dilation_w;
+  static_cast<ConvWindow&>(p) = a;
   p.offset_groups = a.offset_groups;
-  if (p.channels % p.offset_groups != 0) {
-    return Invalid(prefix + "channels " + std::to_string(p.channels) +
-                   " not divisible by offset groups " + std::to_string(p.offset_groups));
+  const auto off = offset.dimensions();
+  if (ffi::Error e = SetConvShape(op, a, a.offset_groups, "offset groups", input, "offsets", off,
+                                  "[N, Ho, Wo, G * kh * kw * 2]", &p);
+      e.failure()) {
+    return ffi::Unexpected<ffi::Error>(std::move(e));
   }
   const int64_t gk = p.offset_groups * p.kernel_points();
   if (ffi::Error e = ExpectShape(op, "offsets", off, {p.batch, p.out_height, p.out_width, gk * 2});

@@ -33,10 +33,10 @@ struct RoiPoolBwdAttrs : RoiPoolAttrs {
 }  // namespace flaxdcn
 
 // Decoded by name from the call's attribute dictionary, which must hold exactly these.
-#define FLAXDCN_ROI_POOL_ATTRS                                                  \
-  StructMember<double>("spatial_scale"),     /* feature pixels per input pixel */ \
-      StructMember<int64_t>("sampling_ratio"), /* > 0: fixed sub-grid; else ceil(bin size) */ \
-      StructMember<double>("gamma")          /* offset scale */
+#define FLAXDCN_ROI_POOL_ATTRS                                                          \
+  StructMember<double>("spatial_scale"),       /* feature pixels per input pixel */     \
+      StructMember<int64_t>("sampling_ratio"), /* > 0: fixed sub-grid; else ceil(size) */ \
+      StructMember<double>("gamma")            /* offset scale */
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::flaxdcn::RoiPoolAttrs, FLAXDCN_ROI_POOL_ATTRS);
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
