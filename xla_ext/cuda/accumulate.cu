@@ -141,6 +141,23 @@ cudaError_t LaunchFixedPointScale(cudaStream_t stream, const GradBuffers& buffer
   return cudaGetLastError();
 }
 
+cudaError_t LaunchContributionScale(cudaStream_t stream, ElementType type,
+                                    const GradBuffers& buffers, const void* cotangent,
+                                    int64_t cotangent_count, const void* mask,
+                                    int64_t mask_count, double factor) {
+  if (cudaError_t e = LaunchMaxAbs(stream, type, cotangent, cotangent_count, buffers.max_bits, 0);
+      e != cudaSuccess) {
+    return e;
+  }
+  if (mask != nullptr) {
+    if (cudaError_t e = LaunchMaxAbs(stream, type, mask, mask_count, buffers.max_bits, 1);
+        e != cudaSuccess) {
+      return e;
+    }
+  }
+  return LaunchFixedPointScale(stream, buffers, mask != nullptr, factor);
+}
+
 cudaError_t FinishGrad(cudaStream_t stream, ElementType type, int64_t elements,
                        bool deterministic, const GradBuffers& buffers, void* grad) {
   if (elements == 0) return cudaSuccess;

@@ -57,6 +57,14 @@ cudaError_t LaunchMaxAbs(cudaStream_t stream, ElementType type, const void* x, i
 cudaError_t LaunchFixedPointScale(cudaStream_t stream, const GradBuffers& buffers,
                                   bool use_second, double factor);
 
+// Fixed-point mode: the scale of sums of `factor` contributions, each at most max |cotangent|
+// (over its `cotangent_count` values) times max |mask| (over its `mask_count` values; 1 when
+// `mask` is null): LaunchMaxAbs into slots 0 and 1, then LaunchFixedPointScale.
+cudaError_t LaunchContributionScale(cudaStream_t stream, ElementType type,
+                                    const GradBuffers& buffers, const void* cotangent,
+                                    int64_t cotangent_count, const void* mask,
+                                    int64_t mask_count, double factor);
+
 // Writes the gradient in its dtype from the accumulation buffers.
 cudaError_t FinishGrad(cudaStream_t stream, ElementType type, int64_t elements,
                        bool deterministic, const GradBuffers& buffers, void* grad);

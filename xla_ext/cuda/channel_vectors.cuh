@@ -1,6 +1,6 @@
-// Device code shared by the CUDA kernels in which one sub-warp owns one sample's bilinear weights
+// Code shared by the CUDA kernels in which one sub-warp owns one sample's bilinear weights
 // (deform_conv_kernels.cu, dcnv3_kernels.cu): the channel loops over vectors of V channels, the
-// sub-warp indexing, and the choice of template constants at launch.
+// sub-warp indexing, and the launch: vector width, lanes, grid and template constants.
 //
 // A sub-warp is a power-of-two group of `lanes` lanes (at most a warp); lane l walks the channel
 // vectors l, l + lanes, ... of the group's channels. Index arithmetic is 64-bit.
@@ -14,7 +14,9 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "xla_ext/common/base.h"
 #include "xla_ext/common/sampling.h"
+#include "xla_ext/cuda/accumulate.h"
 #include "xla_ext/cuda/common.cuh"
 
 namespace flaxdcn {
@@ -106,6 +108,30 @@ void WithWidthAndMode(int width, bool deterministic, Launch&& launch) {
     } else {
       launch(v, std::integral_constant<Accumulate, Accumulate::kAtomic>{});
     }
+  });
+}
+
+// Launches the backward kernel of an op whose sub-warps own one sample each (p.samples() of
+// them), accumulating grad-input into `buffers`: the vector width fits the group's channels and
+// `vector_pointers`, and launch(Tag<T>{}, v, mode, lanes, grid, acc) enqueues the kernel with
+// V = decltype(v)::value, M = decltype(mode)::value and acc, the GradAccumulator<Acc<T>>.
+template <typename Params, typename Launch>
+cudaError_t LaunchSampleBackward(ElementType type, const Params& p, bool deterministic,
+                                 const GradBuffers& buffers,
+                                 std::initializer_list<const void*> vector_pointers,
+                                 Launch&& launch) {
+  return DispatchType(type, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = Acc<T>;
+    const int width = VectorWidth<T>(p, vector_pointers);
+    const int lanes = SubWarpLanes(p.group_channels() / width);
+    const unsigned int grid = GridFor(p.samples(), lanes);
+    const GradAccumulator<A> acc{static_cast<A*>(buffers.atomic), buffers.fixed,
+                                 static_cast<A*>(buffers.special), buffers.scale};
+    WithWidthAndMode<T>(width, deterministic, [&](auto v, auto mode) {
+      launch(tag, v, mode, lanes, grid, acc);
+    });
+    return cudaGetLastError();
   });
 }
 

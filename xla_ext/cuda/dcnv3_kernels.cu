@@ -218,11 +218,6 @@ cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcn
     return e;
   }
   if (deterministic) {
-    if (cudaError_t e = LaunchMaxAbs(stream, type, grad_out, rows * p.channels,
-                                     buffers.max_bits, 0);
-        e != cudaSuccess) {
-      return e;
-    }
     const void* mask_values = mask;  // DCNv3: [N, Ho, Wo, G * P], contiguous
     if (gathered > 0) {
       const int64_t width = bytes;
@@ -232,41 +227,26 @@ cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcn
       if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
       mask_values = workspace;
     }
-    if (cudaError_t e = LaunchMaxAbs(stream, type, mask_values, p.samples(), buffers.max_bits,
-                                     1);
-        e != cudaSuccess) {
-      return e;
-    }
     // Each grad-input element receives at most one corner weight (<= |mask|) from each of the
     // Ho * Wo * P samples of its image and group.
-    if (cudaError_t e = LaunchFixedPointScale(stream, buffers, true,
-                                              double(p.positions()) * double(p.points()));
+    if (cudaError_t e = LaunchContributionScale(stream, type, buffers, grad_out,
+                                                rows * p.channels, mask_values, p.samples(),
+                                                double(p.positions()) * double(p.points()));
         e != cudaSuccess) {
       return e;
     }
   }
-  cudaError_t status = DispatchType(type, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    using A = Acc<T>;
-    const int width = VectorWidth<T>(p, {grad_out, input});
-    const int lanes = SubWarpLanes(p.group_channels() / width);
-    const unsigned int grid = GridFor(p.samples(), lanes);
-    const GradAccumulator<A> acc{static_cast<A*>(buffers.atomic), buffers.fixed,
-                                 static_cast<A*>(buffers.special), buffers.scale};
-    const auto* gout = static_cast<const T*>(grad_out);
-    const auto* in = static_cast<const T*>(input);
-    const auto* off = static_cast<const T*>(offset);
-    const auto* msk = static_cast<const T*>(mask);
-    auto* goff = static_cast<T*>(grad_offset);
-    auto* gmsk = static_cast<T*>(grad_mask);
-    WithWidthAndMode<T>(width, deterministic, [&](auto v, auto mode) {
-      constexpr int kV = decltype(v)::value;
-      constexpr Accumulate kMode = decltype(mode)::value;
-      Dcnv3BackwardKernel<T, kV, kMode><<<grid, kBlockThreads, 0, stream>>>(
-          p, lanes, gout, in, off, msk, acc, goff, gmsk);
-    });
-    return cudaGetLastError();
-  });
+  cudaError_t status = LaunchSampleBackward(
+      type, p, deterministic, buffers, {grad_out, input},
+      [&](auto tag, auto v, auto mode, int lanes, unsigned int grid, const auto& acc) {
+        using T = typename decltype(tag)::type;
+        constexpr int kV = decltype(v)::value;
+        constexpr Accumulate kMode = decltype(mode)::value;
+        Dcnv3BackwardKernel<T, kV, kMode><<<grid, kBlockThreads, 0, stream>>>(
+            p, lanes, static_cast<const T*>(grad_out), static_cast<const T*>(input),
+            static_cast<const T*>(offset), static_cast<const T*>(mask), acc,
+            static_cast<T*>(grad_offset), static_cast<T*>(grad_mask));
+      });
   if (status != cudaSuccess) return status;
   return FinishGrad(stream, type, elements, deterministic, buffers, grad_input);
 }

@@ -177,47 +177,27 @@ cudaError_t LaunchDeformIm2colBackward(cudaStream_t stream, ElementType type, co
     return e;
   }
   if (deterministic) {
-    const int64_t columns = p.samples() * p.group_channels();
-    if (cudaError_t e = LaunchMaxAbs(stream, type, grad_columns, columns, buffers.max_bits, 0);
-        e != cudaSuccess) {
-      return e;
-    }
-    if (p.has_mask) {
-      if (cudaError_t e = LaunchMaxAbs(stream, type, mask, p.samples(), buffers.max_bits, 1);
-          e != cudaSuccess) {
-        return e;
-      }
-    }
     // Each grad-input element receives at most one corner weight (<= |mask|) from each of the
     // Ho * Wo * K samples of its image and group.
-    if (cudaError_t e = LaunchFixedPointScale(stream, buffers, p.has_mask,
-                                              double(p.positions()) * double(p.kernel_points()));
+    if (cudaError_t e = LaunchContributionScale(
+            stream, type, buffers, grad_columns, p.samples() * p.group_channels(),
+            p.has_mask ? mask : nullptr, p.samples(),
+            double(p.positions()) * double(p.kernel_points()));
         e != cudaSuccess) {
       return e;
     }
   }
-  cudaError_t status = DispatchType(type, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    using A = Acc<T>;
-    const int width = VectorWidth<T>(p, {grad_columns, input});
-    const int lanes = SubWarpLanes(p.group_channels() / width);
-    const unsigned int grid = GridFor(p.samples(), lanes);
-    const GradAccumulator<A> acc{static_cast<A*>(buffers.atomic), buffers.fixed,
-                                 static_cast<A*>(buffers.special), buffers.scale};
-    const auto* gcol = static_cast<const T*>(grad_columns);
-    const auto* in = static_cast<const T*>(input);
-    const auto* off = static_cast<const T*>(offset);
-    const auto* msk = static_cast<const T*>(mask);
-    auto* goff = static_cast<T*>(grad_offset);
-    auto* gmsk = static_cast<T*>(grad_mask);
-    WithWidthAndMode<T>(width, deterministic, [&](auto v, auto mode) {
-      constexpr int kV = decltype(v)::value;
-      constexpr Accumulate kMode = decltype(mode)::value;
-      DeformIm2colBackwardKernel<T, kV, kMode><<<grid, kBlockThreads, 0, stream>>>(
-          p, lanes, gcol, in, off, msk, acc, goff, gmsk);
-    });
-    return cudaGetLastError();
-  });
+  cudaError_t status = LaunchSampleBackward(
+      type, p, deterministic, buffers, {grad_columns, input},
+      [&](auto tag, auto v, auto mode, int lanes, unsigned int grid, const auto& acc) {
+        using T = typename decltype(tag)::type;
+        constexpr int kV = decltype(v)::value;
+        constexpr Accumulate kMode = decltype(mode)::value;
+        DeformIm2colBackwardKernel<T, kV, kMode><<<grid, kBlockThreads, 0, stream>>>(
+            p, lanes, static_cast<const T*>(grad_columns), static_cast<const T*>(input),
+            static_cast<const T*>(offset), static_cast<const T*>(mask), acc,
+            static_cast<T*>(grad_offset), static_cast<T*>(grad_mask));
+      });
   if (status != cudaSuccess) return status;
   return FinishGrad(stream, type, elements, deterministic, buffers, grad_input);
 }
