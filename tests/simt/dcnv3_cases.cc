@@ -21,20 +21,8 @@ namespace {
 // The parameters as the FFI checks (xla_ext/common/dcnv3_ffi.h) derive them.
 fd::Dcnv3Params ParamsOf(const Spec& s) {
   fd::Dcnv3Params p{};
-  p.batch = s.Int("batch");
-  p.height = s.Int("height");
-  p.width = s.Int("width");
-  p.channels = s.Int("channels");
-  p.out_height = s.Int("out_height");
-  p.out_width = s.Int("out_width");
-  p.kernel_h = s.Int("kernel_h");
-  p.kernel_w = s.Int("kernel_w");
-  p.stride_h = s.Int("stride_h");
-  p.stride_w = s.Int("stride_w");
-  p.pad_h = s.Int("pad_h");
-  p.pad_w = s.Int("pad_w");
-  p.dilation_h = s.Int("dilation_h");
-  p.dilation_w = s.Int("dilation_w");
+  ReadConvShape(s, &p);
+  ReadConvWindow(s, &p);
   p.groups = s.Int("groups");
   p.offset_scale = s.Real("offset_scale");
   p.remove_center = s.Int("remove_center") != 0;

@@ -117,6 +117,26 @@ size_t DataOffset(const Spec& spec, fd::ElementType type) {
   return kDataOffset + static_cast<size_t>(spec.Int("misalign")) * ElementBytes(type);
 }
 
+void ReadConvShape(const Spec& spec, fd::ConvShape* shape) {
+  shape->batch = spec.Int("batch");
+  shape->height = spec.Int("height");
+  shape->width = spec.Int("width");
+  shape->channels = spec.Int("channels");
+  shape->out_height = spec.Int("out_height");
+  shape->out_width = spec.Int("out_width");
+}
+
+void ReadConvWindow(const Spec& spec, fd::ConvWindow* window) {
+  window->kernel_h = spec.Int("kernel_h");
+  window->kernel_w = spec.Int("kernel_w");
+  window->stride_h = spec.Int("stride_h");
+  window->stride_w = spec.Int("stride_w");
+  window->pad_h = spec.Int("pad_h");
+  window->pad_w = spec.Int("pad_w");
+  window->dilation_h = spec.Int("dilation_h");
+  window->dilation_w = spec.Int("dilation_w");
+}
+
 CaseRegistration::CaseRegistration(const char* name, void (*run)(const Spec&)) {
   if (!Registry().emplace(name, run).second) Die(std::string("case registered twice: ") + name);
 }

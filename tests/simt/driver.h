@@ -21,6 +21,7 @@
 
 #include "simt.h"
 #include "xla_ext/common/base.h"
+#include "xla_ext/common/deform_conv.h"
 #include "xla_ext/cpu/types.h"
 
 namespace simt_driver {
@@ -106,6 +107,11 @@ template <typename T>
 const T* As(const std::vector<unsigned char>& v) {
   return reinterpret_cast<const T*>(v.data());
 }
+
+// The spec's batch, height, width, channels, out_height and out_width.
+void ReadConvShape(const Spec& spec, fd::ConvShape* shape);
+// The spec's kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h and dilation_w.
+void ReadConvWindow(const Spec& spec, fd::ConvWindow* window);
 
 // Registers `run` for the cases whose spec says `op NAME` (at static initialisation).
 struct CaseRegistration {
