@@ -640,17 +640,20 @@ def test_kernels_compile_against_the_fallback_headers(tmp_path):
 
 # --- The CUDA FFI handlers, from JAX ------------------------------------------------------------
 
-#: test_ffi.py's tests that run on the emulated CUDA handlers: all but the check that the real
-#: build compiled CUDA and the CPU-only promise that both backward modes agree bitwise.
-FFI_SELECTION = "not cuda_kernels_compiled and not cpu_backward_is_deterministic"
+#: The suites that run on the emulated CUDA handlers, and the selection: every test of
+#: test_ffi.py and the ``[ffi]`` tests of test_dcnv3.py, but the check that the real build
+#: compiled CUDA and the CPU-only promises that both backward modes agree bitwise.
+FFI_SUITES = ("tests/test_ffi.py", "tests/test_dcnv3.py")
+FFI_SELECTION = ("ffi and not cuda_kernels_compiled and not cpu_backward_is_deterministic "
+                 "and not backward_reproducible")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("FLAXDCN_SIMT_FFI") != "1",
                     reason="opt-in (FLAXDCN_SIMT_FFI=1): past the CI budget of the simt tests")
 def test_ffi_suite_on_the_emulated_cuda_handlers(tmp_path):
-  """tests/test_ffi.py (ffi against the jnp implementation and loops: gradients, vmap, jit,
-  sharding) with ``flaxdcn._native`` replaced by the CUDA FFI handlers
+  """tests/test_ffi.py and test_dcnv3.py (ffi against the jnp implementation and loops:
+  gradients, vmap, jit, sharding) with ``flaxdcn._native`` replaced by the CUDA FFI handlers
   (xla_ext/cuda/<op>_ffi.cc) and the CUDA kernels under the emulation, registered as CPU targets
   (tests/simt/native.cc). Their device allocator rejects alignments above 16 bytes, as XLA's
   does. ``$FLAXDCN_SIMT_FFI_K`` replaces the ``-k`` selection."""
@@ -675,7 +678,7 @@ def test_ffi_suite_on_the_emulated_cuda_handlers(tmp_path):
   env = dict(os.environ, FLAXDCN_SIMT_NATIVE=module,
              PYTHONPATH=os.pathsep.join([SIMT_DIR, os.environ.get("PYTHONPATH", "")]))
   run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "simt_native_plugin",
-                        "-p", "no:cacheprovider", "tests/test_ffi.py", "-k",
+                        "-p", "no:cacheprovider", *FFI_SUITES, "-k",
                         os.environ.get("FLAXDCN_SIMT_FFI_K", FFI_SELECTION)],
                        capture_output=True, text=True, timeout=1200, env=env, cwd=ROOT)
   assert run.returncode == 0, (run.stdout + run.stderr)[-8000:]
