@@ -1,11 +1,10 @@
 // FFI of the deformable im2col targets (flaxdcn_deform_im2col, flaxdcn_deform_im2col_bwd), one
 // definition for every backend: the attributes as a struct, the buffer checks that make a
 // ConvParams, the binding and the handler body. A backend implements the two launches declared
-// below as overloads on its context and defines the handler symbols, in
+// below as overloads on its context and defines the handler symbols (common/handlers.h), in
 // <backend>/deform_conv_ffi.cc:
 //
-//   XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDeformIm2colCpu, flaxdcn::DeformIm2col<ffi::ThreadPool>,
-//                                 flaxdcn::DeformIm2colBinding<ffi::ThreadPool>());
+//   FLAXDCN_DEFINE_HANDLER(DeformIm2col, Cpu, xla::ffi::ThreadPool);  // FlaxdcnDeformIm2colCpu
 
 #ifndef FLAXDCN_XLA_EXT_COMMON_DEFORM_CONV_FFI_H_
 #define FLAXDCN_XLA_EXT_COMMON_DEFORM_CONV_FFI_H_

@@ -29,4 +29,11 @@ FLAXDCN_FOR_EACH_TARGET(FLAXDCN_DECLARE_CUDA_HANDLER)
 #undef FLAXDCN_DECLARE_CUDA_HANDLER
 #endif
 
+// Defines the handler symbol Flaxdcn<stem><backend> (in <backend>/<op>_ffi.cc): the handler body
+// flaxdcn::<stem> and the binding flaxdcn::<stem>Binding of common/<op>_ffi.h on the backend's
+// context `device`.
+#define FLAXDCN_DEFINE_HANDLER(stem, backend, device)                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(Flaxdcn##stem##backend, ::flaxdcn::stem<device>, \
+                                ::flaxdcn::stem##Binding<device>())
+
 #endif  // FLAXDCN_XLA_EXT_COMMON_HANDLERS_H_

@@ -64,11 +64,7 @@ ffi::Error RunDcnv3Backward(ffi::ThreadPool& pool, const char* op, ElementType t
 
 }  // namespace flaxdcn
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDcnv3Cpu, flaxdcn::Dcnv3<xla::ffi::ThreadPool>,
-                              flaxdcn::Dcnv3Binding<xla::ffi::ThreadPool>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDcnv3BwdCpu, flaxdcn::Dcnv3Bwd<xla::ffi::ThreadPool>,
-                              flaxdcn::Dcnv3BwdBinding<xla::ffi::ThreadPool>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDcnv4Cpu, flaxdcn::Dcnv4<xla::ffi::ThreadPool>,
-                              flaxdcn::Dcnv4Binding<xla::ffi::ThreadPool>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDcnv4BwdCpu, flaxdcn::Dcnv4Bwd<xla::ffi::ThreadPool>,
-                              flaxdcn::Dcnv4BwdBinding<xla::ffi::ThreadPool>());
+FLAXDCN_DEFINE_HANDLER(Dcnv3, Cpu, xla::ffi::ThreadPool);
+FLAXDCN_DEFINE_HANDLER(Dcnv3Bwd, Cpu, xla::ffi::ThreadPool);
+FLAXDCN_DEFINE_HANDLER(Dcnv4, Cpu, xla::ffi::ThreadPool);
+FLAXDCN_DEFINE_HANDLER(Dcnv4Bwd, Cpu, xla::ffi::ThreadPool);

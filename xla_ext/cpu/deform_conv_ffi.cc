@@ -55,8 +55,5 @@ ffi::Error RunDeformIm2colBackward(ffi::ThreadPool& pool, const char* op, Elemen
 
 }  // namespace flaxdcn
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDeformIm2colCpu, flaxdcn::DeformIm2col<xla::ffi::ThreadPool>,
-                              flaxdcn::DeformIm2colBinding<xla::ffi::ThreadPool>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDeformIm2colBwdCpu,
-                              flaxdcn::DeformIm2colBwd<xla::ffi::ThreadPool>,
-                              flaxdcn::DeformIm2colBwdBinding<xla::ffi::ThreadPool>());
+FLAXDCN_DEFINE_HANDLER(DeformIm2col, Cpu, xla::ffi::ThreadPool);
+FLAXDCN_DEFINE_HANDLER(DeformIm2colBwd, Cpu, xla::ffi::ThreadPool);

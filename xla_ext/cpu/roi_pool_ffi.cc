@@ -71,8 +71,5 @@ ffi::Error RunDeformRoiPoolBackward(ffi::ThreadPool& pool, const char* op, Eleme
 
 }  // namespace flaxdcn
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDeformRoiPoolCpu, flaxdcn::DeformRoiPool<xla::ffi::ThreadPool>,
-                              flaxdcn::DeformRoiPoolBinding<xla::ffi::ThreadPool>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDeformRoiPoolBwdCpu,
-                              flaxdcn::DeformRoiPoolBwd<xla::ffi::ThreadPool>,
-                              flaxdcn::DeformRoiPoolBwdBinding<xla::ffi::ThreadPool>());
+FLAXDCN_DEFINE_HANDLER(DeformRoiPool, Cpu, xla::ffi::ThreadPool);
+FLAXDCN_DEFINE_HANDLER(DeformRoiPoolBwd, Cpu, xla::ffi::ThreadPool);

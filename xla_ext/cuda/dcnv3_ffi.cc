@@ -32,11 +32,7 @@ ffi::Error RunDcnv3Backward(CudaContext& device, const char* op, ElementType typ
 
 }  // namespace flaxdcn
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDcnv3Cuda, flaxdcn::Dcnv3<flaxdcn::CudaContext>,
-                              flaxdcn::Dcnv3Binding<flaxdcn::CudaContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDcnv3BwdCuda, flaxdcn::Dcnv3Bwd<flaxdcn::CudaContext>,
-                              flaxdcn::Dcnv3BwdBinding<flaxdcn::CudaContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDcnv4Cuda, flaxdcn::Dcnv4<flaxdcn::CudaContext>,
-                              flaxdcn::Dcnv4Binding<flaxdcn::CudaContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDcnv4BwdCuda, flaxdcn::Dcnv4Bwd<flaxdcn::CudaContext>,
-                              flaxdcn::Dcnv4BwdBinding<flaxdcn::CudaContext>());
+FLAXDCN_DEFINE_HANDLER(Dcnv3, Cuda, flaxdcn::CudaContext);
+FLAXDCN_DEFINE_HANDLER(Dcnv3Bwd, Cuda, flaxdcn::CudaContext);
+FLAXDCN_DEFINE_HANDLER(Dcnv4, Cuda, flaxdcn::CudaContext);
+FLAXDCN_DEFINE_HANDLER(Dcnv4Bwd, Cuda, flaxdcn::CudaContext);

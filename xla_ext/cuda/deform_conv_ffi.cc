@@ -35,8 +35,5 @@ ffi::Error RunDeformIm2colBackward(CudaContext& device, const char* op, ElementT
 
 }  // namespace flaxdcn
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDeformIm2colCuda, flaxdcn::DeformIm2col<flaxdcn::CudaContext>,
-                              flaxdcn::DeformIm2colBinding<flaxdcn::CudaContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDeformIm2colBwdCuda,
-                              flaxdcn::DeformIm2colBwd<flaxdcn::CudaContext>,
-                              flaxdcn::DeformIm2colBwdBinding<flaxdcn::CudaContext>());
+FLAXDCN_DEFINE_HANDLER(DeformIm2col, Cuda, flaxdcn::CudaContext);
+FLAXDCN_DEFINE_HANDLER(DeformIm2colBwd, Cuda, flaxdcn::CudaContext);

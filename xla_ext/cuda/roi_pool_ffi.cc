@@ -36,9 +36,5 @@ ffi::Error RunDeformRoiPoolBackward(CudaContext& device, const char* op, Element
 
 }  // namespace flaxdcn
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDeformRoiPoolCuda,
-                              flaxdcn::DeformRoiPool<flaxdcn::CudaContext>,
-                              flaxdcn::DeformRoiPoolBinding<flaxdcn::CudaContext>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxdcnDeformRoiPoolBwdCuda,
-                              flaxdcn::DeformRoiPoolBwd<flaxdcn::CudaContext>,
-                              flaxdcn::DeformRoiPoolBwdBinding<flaxdcn::CudaContext>());
+FLAXDCN_DEFINE_HANDLER(DeformRoiPool, Cuda, flaxdcn::CudaContext);
+FLAXDCN_DEFINE_HANDLER(DeformRoiPoolBwd, Cuda, flaxdcn::CudaContext);
