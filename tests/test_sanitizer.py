@@ -1,8 +1,9 @@
 """The CPU kernels under AddressSanitizer and UndefinedBehaviorSanitizer.
 
-A small C++ driver calls the kernel functions of xla_ext/cpu_kernels.cc directly, on exactly sized
-heap buffers, with huge, infinite and NaN offsets, RoIs outside the image (and of every degenerate
-kind) and invalid batch indices, in both RoI forms ([R, 5] and per image), for every element type.
+A small C++ driver calls the kernel functions of xla_ext/cpu/deform_conv_kernels.cc and
+xla_ext/cpu/roi_pool_kernels.cc directly, on exactly sized heap buffers, with huge, infinite and
+NaN offsets, RoIs outside the image (and of every degenerate kind) and invalid batch indices, in
+both RoI forms ([R, 5] and per image), for every element type.
 Any out-of-bounds access, float-to-int overflow or other undefined behaviour aborts the run; the
 driver also checks that every output is finite.
 """
@@ -23,7 +24,8 @@ DRIVER = r"""
 #include <memory>
 #include <vector>
 
-#include "xla_ext/cpu_kernels.h"
+#include "xla_ext/cpu/deform_conv_kernels.h"
+#include "xla_ext/cpu/roi_pool_kernels.h"
 
 namespace fd = flaxdcn;
 
@@ -157,6 +159,8 @@ int main() {
 }
 """
 
+#: The op families whose CPU kernels (xla_ext/cpu/<op>_kernels.cc) the driver calls.
+KERNEL_OPS = ("deform_conv", "roi_pool")
 FLAGS = ["-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer",
          "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
 
@@ -182,7 +186,8 @@ def test_cpu_kernels_under_sanitizers(tmp_path):
   driver.write_text(DRIVER)
   binary = tmp_path / "driver"
   build = subprocess.run(
-      [compiler, *FLAGS, f"-I{ROOT}", str(driver), os.path.join(ROOT, "xla_ext", "cpu_kernels.cc"),
+      [compiler, *FLAGS, f"-I{ROOT}", str(driver),
+       *(os.path.join(ROOT, "xla_ext", "cpu", f"{op}_kernels.cc") for op in KERNEL_OPS),
        "-o", str(binary)], capture_output=True, text=True, timeout=600)
   assert build.returncode == 0, build.stderr[-6000:]
   env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0",

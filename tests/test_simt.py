@@ -1,13 +1,16 @@
 """The CUDA kernels of ``xla_ext/`` compiled for the host and run under a SIMT emulation.
 
-The real ``.cu`` sources of the checkout (or of ``$FLAXDCN_SIMT_SOURCES``, a tree holding an
-``xla_ext/``) are compiled by the host C++ compiler with AddressSanitizer and
+The real ``.cu`` sources of the checkout (``xla_ext/cuda/``, or those of ``$FLAXDCN_SIMT_SOURCES``,
+a tree holding an ``xla_ext/``) are compiled by the host C++ compiler with AddressSanitizer and
 UndefinedBehaviorSanitizer, against ``tests/simt/simt.h``: the CUDA programming model as
 cooperative fibers, with blocks in a shuffled order and every warp intrinsic a synchronisation
 point that fails unless every lane it names reaches it (see that header for the full list of
-violations it reports). A C++ driver (``tests/simt/driver.cc``) runs each CUDA launcher and the CPU
-kernels (``xla_ext/cpu_kernels.cc``) on the same inputs, with two block orders; the tests compare
-the results within ``tests/tolerances.py`` and the deterministic mode bitwise across the orders.
+violations it reports). One C++ driver (``tests/simt/driver.{h,cc}``, the case format and
+emulated device buffers, plus a ``tests/simt/<op>_cases.cc`` per op family) runs each CUDA launcher
+and the CPU kernels (``xla_ext/cpu/<op>_kernels.cc``) on the same inputs, with two block orders;
+the tests compare the results within ``tests/tolerances.py`` and the deterministic mode bitwise
+across the orders. This file tests the emulation itself, the deformable im2col and RoI pooling
+launchers and the accumulation helpers; tests/test_simt_<op>.py the other op families.
 
 The only source change the emulation needs is made here, on copies: ``kernel<<<cfg>>>(args)``
 becomes ``::simt::Launch(&kernel, ...cfg)(args)`` and ``__shared__`` declarations become static
@@ -15,18 +18,18 @@ variables the emulation tracks (``_rewrite``). The driver is linked once per ses
 objects cached in the temporary directory by the digest of their source and every header, so an
 edit to one ``.cu`` file recompiles that file alone. ``pytest -m simt`` selects these tests.
 
-Plugging in new kernels (e.g. ``xla_ext/cuda_dcnv3_kernels.cu`` and its CPU reference):
-  1. add the ``.cu`` file to ``CUDA_SOURCES`` (it is rewritten and compiled with the others) and
-     the CPU reference's ``.cc`` to the host sources of the ``driver`` fixture;
-  2. include the launchers' header (no XLA types, like ``xla_ext/cuda_kernels.h``) in
-     ``tests/simt/driver.cc`` and add a ``Run<Op>(const Spec&)`` there: read the inputs with
-     ``ReadArray``, run the CPU reference, copy the inputs to ``DeviceBuffer``s and run the
-     launcher under both block orders (``simt::SetBlockOrderSeed(spec.Int("seed_a"))``, then
-     ``seed_b``) on garbage-filled outputs, write every result with ``WriteArray``; dispatch on
-     ``op`` in ``main``;
-  3. here, build ``Case(op, dtype, arrays, **spec)`` objects, run them all in one ``_run`` and
-     compare with ``_compare`` (``assert_close``) and ``_bitwise`` where the kernel promises
-     order independence.
+Plugging in a new op family ``<op>`` (its ``xla_ext/cuda/<op>_kernels.cu`` and CPU reference
+``xla_ext/cpu/<op>_kernels.cc``):
+  1. add ``"<op>"`` to ``OPS``: its CUDA and CPU kernels, its CUDA FFI handlers (for the opt-in
+     run on the emulated handlers) and ``tests/simt/<op>_cases.cc`` join the one driver;
+  2. write ``tests/simt/<op>_cases.cc``: a ``Run<Op>(const Spec&)`` that reads the inputs with
+     ``ReadArray``, runs the CPU reference, copies the inputs to ``DeviceBuffer``s and runs the
+     launchers (their header has no XLA types) under both block orders (``ForEachBlockOrder``) on
+     garbage-filled outputs, and writes every result with ``WriteArray``; register it with
+     ``FLAXDCN_SIMT_CASE("<op>", Run<Op>)``;
+  3. in ``tests/test_simt_<op>.py``, build ``Case(op, dtype, arrays, **spec)`` objects, run them
+     all in one ``_run`` with the ``driver`` fixture and compare with ``_compare``
+     (``assert_close``) and ``_bitwise`` where the kernel promises order independence.
   Device intrinsics the new code needs and ``tests/simt/simt.h`` lacks are added there (warp
   intrinsics through ``simt::Sync``); a missing one is a compile error, never a silent no-op.
 """
@@ -53,8 +56,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIMT_DIR = os.path.join(ROOT, "tests", "simt")
 #: The tree whose ``xla_ext/`` is compiled (a copy with a planted bug, say).
 SOURCES = os.path.abspath(os.environ.get("FLAXDCN_SIMT_SOURCES", ROOT))
+#: The native op families: each has ``xla_ext/{cpu,cuda}/<op>_kernels.*``,
+#: ``xla_ext/cuda/<op>_ffi.cc`` and ``tests/simt/<op>_cases.cc``.
+OPS = ("deform_conv", "roi_pool", "dcnv3")
 #: The CUDA translation units under test, in ``xla_ext/``.
-CUDA_SOURCES = ["cuda_accumulate.cu", "cuda_conv_kernels.cu", "cuda_roi_kernels.cu"]
+CUDA_SOURCES = ["cuda/accumulate.cu", *(f"cuda/{op}_kernels.cu" for op in OPS)]
 FLAGS = ["-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "-Wno-unknown-pragmas",
          "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
 
@@ -123,10 +129,10 @@ def _rewrite(text, path):
 def _headers(include):
   """Every header a unit may include, as one digest (with the flags and the toolkit's path)."""
   paths = []
-  for folder in (os.path.join(SOURCES, "xla_ext"), SIMT_DIR, os.path.join(SIMT_DIR, "include"),
-                 os.path.join(SIMT_DIR, "fallback")):
-    paths += [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-              if n.endswith((".h", ".cuh"))]
+  for folder in (os.path.join(SOURCES, "xla_ext"), SIMT_DIR):
+    for parent, dirs, names in os.walk(folder):
+      dirs.sort()
+      paths += [os.path.join(parent, n) for n in sorted(names) if n.endswith((".h", ".cuh"))]
   return _digest(*paths, extra=" ".join([*FLAGS, str(include)]))
 
 
@@ -147,10 +153,10 @@ def _build(cache_dir, compiler, cuda_sources, host_sources, include=None, flags=
   # Units name their files relative to the tree: a copy of the tree reuses the objects.
   for root, path in cuda_sources:
     with open(os.path.join(root, path)) as f:
-      units.append((os.path.basename(path).replace(".cu", ".simt.cc"), _rewrite(f.read(), path)))
+      units.append((_unit_name(path).replace(".cu", ".simt.cc"), _rewrite(f.read(), path)))
   for root, path in [*host_sources, (ROOT, "tests/simt/simt.cc")]:
     with open(os.path.join(root, path)) as f:
-      units.append((os.path.basename(path), f'#line 1 "{path}"\n' + f.read()))
+      units.append((_unit_name(path), f'#line 1 "{path}"\n' + f.read()))
 
   def compile_one(unit):
     name, text = unit
@@ -186,11 +192,16 @@ def _build(cache_dir, compiler, cuda_sources, host_sources, include=None, flags=
   return binary
 
 
+def _unit_name(path):
+  """A file name for the unit of `path` (relative to its tree): cpu/ and cuda/ share file names."""
+  return path.replace("/", "_")
+
+
 def _digest(*paths, extra=""):
-  """Digest of the files' names (not their folders) and contents."""
+  """Digest of the files' names (relative to their tree, the last two parts) and contents."""
   h = hashlib.sha256(extra.encode())
   for path in paths:
-    h.update(os.path.basename(path).encode())
+    h.update("/".join(path.split(os.sep)[-2:]).encode())
     with open(path, "rb") as f:
       h.update(f.read())
   return h.hexdigest()[:16]
@@ -206,10 +217,13 @@ def _session_build(cuda_sources, host_sources):
 
 @pytest.fixture(scope="session")
 def driver():
-  """The driver binary, built once per session from cached objects (in the temporary
-  directory, by the digest of their inputs)."""
-  return _session_build([(SOURCES, f"xla_ext/{name}") for name in CUDA_SOURCES],
-                        [(SOURCES, "xla_ext/cpu_kernels.cc"), (ROOT, "tests/simt/driver.cc")])
+  """The driver binary of every op family, built once per session from cached objects (in the
+  temporary directory, by the digest of their inputs)."""
+  return _session_build(
+      [(SOURCES, f"xla_ext/{name}") for name in CUDA_SOURCES],
+      [*((SOURCES, f"xla_ext/cpu/{op}_kernels.cc") for op in OPS),
+       *((ROOT, f"tests/simt/{name}") for name in ("driver.cc", "accumulate_cases.cc")),
+       *((ROOT, f"tests/simt/{op}_cases.cc") for op in OPS)])
 
 
 @pytest.fixture(scope="session")
@@ -557,14 +571,14 @@ def test_fixed_point_scale(driver, tmp_path):
 
 
 def test_workspace_alignment_is_what_xla_grants(driver, tmp_path):
-  """XLA's scratch allocator rejects alignments above 16 bytes: the handlers ask for
-  kWorkspaceAlignment, which must not exceed that. Every emulated backward above ran on a
-  workspace 16 bytes past a 256-byte boundary, so nothing needs more."""
+  """XLA's scratch allocator rejects alignments above 16 bytes: the CUDA launches ask for
+  kWorkspaceAlignment (xla_ext/cuda/ffi_context.h), which must not exceed that. Every emulated
+  backward above ran on a workspace 16 bytes past a 256-byte boundary, so nothing needs more."""
   (case,) = _run(driver, [Case("info", "f32", {})], tmp_path)
   with open(os.path.join(case.dir, "info.txt")) as f:
     info = dict(line.split() for line in f)
   assert int(info["workspace_alignment"]) <= 16
-  with open(os.path.join(SOURCES, "xla_ext", "cuda_ops.cc")) as f:
+  with open(os.path.join(SOURCES, "xla_ext", "cuda", "ffi_context.h")) as f:
     handlers = f.read()
   requests = re.findall(r"\.Allocate\(([^)]*)\)", handlers)
   assert requests and all(r.split(",")[-1].strip() == "kWorkspaceAlignment" for r in requests), \
@@ -615,7 +629,7 @@ def test_kernels_compile_against_the_fallback_headers(tmp_path):
   includes = [f"-I{os.path.join(SIMT_DIR, 'include')}", f"-I{SIMT_DIR}", f"-I{SOURCES}",
               f"-I{os.path.join(SIMT_DIR, 'fallback')}"]
   for name in CUDA_SOURCES:
-    unit = tmp_path / name.replace(".cu", ".simt.cc")
+    unit = tmp_path / _unit_name(name).replace(".cu", ".simt.cc")
     with open(os.path.join(SOURCES, "xla_ext", name)) as f:
       unit.write_text(_rewrite(f.read(), f"xla_ext/{name}"))
     run = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-Wall",
@@ -626,22 +640,23 @@ def test_kernels_compile_against_the_fallback_headers(tmp_path):
 
 # --- The CUDA FFI handlers, from JAX ------------------------------------------------------------
 
-#: test_ffi.py's tests that run on the emulated CUDA handlers: all but the check that the real
-#: build compiled CUDA, the CPU-only promise that both backward modes agree bitwise, and the
-#: DCNv3/DCNv4 targets, which tests/simt/native.cc does not hold.
-FFI_SELECTION = ("not cuda_kernels_compiled and not cpu_backward_is_deterministic and not dcnv3 "
-                 "and not dcnv4")
+#: The suites that run on the emulated CUDA handlers, and the selection: every test of
+#: test_ffi.py and the ``[ffi]`` tests of test_dcnv3.py, but the check that the real build
+#: compiled CUDA and the CPU-only promises that both backward modes agree bitwise.
+FFI_SUITES = ("tests/test_ffi.py", "tests/test_dcnv3.py")
+FFI_SELECTION = ("ffi and not cuda_kernels_compiled and not cpu_backward_is_deterministic "
+                 "and not backward_reproducible")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("FLAXDCN_SIMT_FFI") != "1",
                     reason="opt-in (FLAXDCN_SIMT_FFI=1): past the CI budget of the simt tests")
 def test_ffi_suite_on_the_emulated_cuda_handlers(tmp_path):
-  """tests/test_ffi.py (ffi against the jnp implementation and loops: gradients, vmap, jit,
-  sharding) with ``flaxdcn._native`` replaced by xla_ext/cuda_ops.cc's handlers and the CUDA
-  kernels under the emulation, registered as CPU targets (tests/simt/native.cc). Their device
-  allocator rejects alignments above 16 bytes, as XLA's does. ``$FLAXDCN_SIMT_FFI_K`` replaces
-  the ``-k`` selection."""
+  """tests/test_ffi.py and test_dcnv3.py (ffi against the jnp implementation and loops:
+  gradients, vmap, jit, sharding) with ``flaxdcn._native`` replaced by the CUDA FFI handlers
+  (xla_ext/cuda/<op>_ffi.cc) and the CUDA kernels under the emulation, registered as CPU targets
+  (tests/simt/native.cc). Their device allocator rejects alignments above 16 bytes, as XLA's
+  does. ``$FLAXDCN_SIMT_FFI_K`` replaces the ``-k`` selection."""
   import sys
   import sysconfig
 
@@ -655,14 +670,15 @@ def test_ffi_suite_on_the_emulated_cuda_handlers(tmp_path):
            "-Wall", "-Wno-unknown-pragmas"]
   module = _build(os.path.join(tempfile.gettempdir(), "flaxdcn-simt-cache"), compiler,
                   [(SOURCES, f"xla_ext/{name}") for name in CUDA_SOURCES],
-                  [(SOURCES, "xla_ext/cuda_ops.cc"), (ROOT, "tests/simt/native.cc")],
+                  [*((SOURCES, f"xla_ext/cuda/{op}_ffi.cc") for op in OPS),
+                   (ROOT, "tests/simt/native.cc")],
                   include=_toolkit_include(), flags=flags, shared=True,
                   extra_includes=[pybind11.get_include(), sysconfig.get_paths()["include"],
                                   jax.ffi.include_dir()])
   env = dict(os.environ, FLAXDCN_SIMT_NATIVE=module,
              PYTHONPATH=os.pathsep.join([SIMT_DIR, os.environ.get("PYTHONPATH", "")]))
   run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "simt_native_plugin",
-                        "-p", "no:cacheprovider", "tests/test_ffi.py", "-k",
+                        "-p", "no:cacheprovider", *FFI_SUITES, "-k",
                         os.environ.get("FLAXDCN_SIMT_FFI_K", FFI_SELECTION)],
                        capture_output=True, text=True, timeout=1200, env=env, cwd=ROOT)
   assert run.returncode == 0, (run.stdout + run.stderr)[-8000:]

@@ -1,9 +1,9 @@
-"""The DCNv3 / DCNv4 CUDA launchers (``xla_ext/cuda_dcnv3_kernels.cu``) under the SIMT emulation
-of tests/test_simt.py, against the CPU kernels (``xla_ext/cpu_dcnv3_kernels.cc``).
+"""The DCNv3 / DCNv4 CUDA launchers (``xla_ext/cuda/dcnv3_kernels.cu``) under the SIMT emulation
+of tests/test_simt.py, against the CPU kernels (``xla_ext/cpu/dcnv3_kernels.cc``).
 
-The build, the case files and the comparisons are tests/test_simt.py's; the driver is
-``tests/simt/dcnv3_driver.cc``. Each case runs the forward and both backward modes under two
-block orders on garbage-filled outputs: the CUDA results must match the CPU kernels within
+The build, the driver, the case files and the comparisons are tests/test_simt.py's; the driver's
+cases are ``tests/simt/dcnv3_cases.cc``. Each case runs the forward and both backward modes under
+two block orders on garbage-filled outputs: the CUDA results must match the CPU kernels within
 ``tests/tolerances.py``, the forward and the sampling gradients must be bitwise equal across
 orders, and so must every deterministic-mode gradient. ``pytest -m simt`` selects these tests.
 """
@@ -11,8 +11,7 @@ orders, and so must every deterministic-mode gradient. ``pytest -m simt`` select
 import numpy as np
 import pytest
 
-import test_simt as simt_harness
-from test_simt import DTYPE_PARAMS, Case, _as, _bitwise, _compare, _run
+from test_simt import DTYPE_PARAMS, Case, _as, _bitwise, _compare, _run, driver  # noqa: F401
 
 pytestmark = pytest.mark.simt
 
@@ -35,15 +34,6 @@ EMPTY_CASES = {
     "no-images": (0, 4, 4, 4, 2, (3, 3), (1, 1), (1, 1), (1, 1), 1.0, False),
     "no-channels": (1, 4, 4, 0, 2, (3, 3), (1, 1), (1, 1), (1, 1), 1.0, False),
 }
-
-
-@pytest.fixture(scope="session")
-def dcnv3_driver():
-  sources = simt_harness.SOURCES
-  return simt_harness._session_build(  # pylint: disable=protected-access
-      [(sources, "xla_ext/cuda_accumulate.cu"), (sources, "xla_ext/cuda_dcnv3_kernels.cu")],
-      [(sources, "xla_ext/cpu_dcnv3_kernels.cc"),
-       (simt_harness.ROOT, "tests/simt/dcnv3_driver.cc")])
 
 
 def _special(size):
@@ -96,13 +86,13 @@ def check(case):
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-def test_dcnv3_launchers_match_cpu(dcnv3_driver, tmp_path, dtype):
+def test_dcnv3_launchers_match_cpu(driver, tmp_path, dtype):
   """Both layouts, every case, 16-byte-aligned and misaligned (scalar path) buffers."""
   cases = [dcnv3_case(dtype, geometry, layout, seed=i)
            for i, geometry in enumerate(CASES.values()) for layout in (3, 4)]
   cases += [dcnv3_case(dtype, CASES[name], layout, seed=20 + i, misalign=1)
             for i, name in enumerate(["Cg8", "Cg24"]) for layout in (3, 4)]
-  for case in _run(dcnv3_driver, cases, tmp_path):
+  for case in _run(driver, cases, tmp_path):
     check(case)
     if case.spec["layout"] == 4:  # the padding channels' gradient is written, as zeros
       pad = case.spec["groups"] * (case.spec["kernel_h"] * case.spec["kernel_w"]
@@ -113,10 +103,10 @@ def test_dcnv3_launchers_match_cpu(dcnv3_driver, tmp_path, dtype):
         assert np.all(grad[:, pad:] == 0), case
 
 
-def test_dcnv3_empty_axes_write_zero_gradients(dcnv3_driver, tmp_path):
+def test_dcnv3_empty_axes_write_zero_gradients(driver, tmp_path):
   cases = [dcnv3_case("f32", geometry, layout, seed=i)
            for i, geometry in enumerate(EMPTY_CASES.values()) for layout in (3, 4)]
-  for case in _run(dcnv3_driver, cases, tmp_path):
+  for case in _run(driver, cases, tmp_path):
     check(case)
     for mode in ("atomic", "det"):
       assert np.all(case.out(f"cuda_{mode}_grad_offset_a").astype(np.float64) == 0), case

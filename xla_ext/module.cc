@@ -4,8 +4,7 @@
 
 #include "pybind11/pybind11.h"
 #include "xla/ffi/api/c_api.h"
-#include "xla_ext/dcnv3_ops.h"
-#include "xla_ext/ops.h"
+#include "xla_ext/common/handlers.h"
 
 #ifdef FLAXDCN_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -22,47 +21,24 @@ py::capsule EncapsulateHandler(T* fn) {
   return py::capsule(reinterpret_cast<void*>(fn));
 }
 
-py::dict Targets(py::capsule im2col, py::capsule im2col_bwd, py::capsule roi_pool,
-                 py::capsule roi_pool_bwd) {
-  py::dict targets;
-  targets["flaxdcn_deform_im2col"] = im2col;
-  targets["flaxdcn_deform_im2col_bwd"] = im2col_bwd;
-  targets["flaxdcn_deform_roi_pool"] = roi_pool;
-  targets["flaxdcn_deform_roi_pool_bwd"] = roi_pool_bwd;
-  return targets;
-}
-
-// The DCNv3 / DCNv4 targets, added to a platform's `targets`.
-void AddDcnv3Targets(py::dict targets, py::capsule dcnv3, py::capsule dcnv3_bwd,
-                     py::capsule dcnv4, py::capsule dcnv4_bwd) {
-  targets["flaxdcn_dcnv3"] = dcnv3;
-  targets["flaxdcn_dcnv3_bwd"] = dcnv3_bwd;
-  targets["flaxdcn_dcnv4"] = dcnv4;
-  targets["flaxdcn_dcnv4_bwd"] = dcnv4_bwd;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "flaxdcn native kernels: XLA FFI handler capsules and build facts.";
 
   m.def("registrations", []() {
+    py::dict cpu;
+#define FLAXDCN_ADD_CPU(name, stem) cpu[name] = EncapsulateHandler(Flaxdcn##stem##Cpu);
+    FLAXDCN_FOR_EACH_TARGET(FLAXDCN_ADD_CPU)
+#undef FLAXDCN_ADD_CPU
     py::dict registrations;
-    registrations["cpu"] = Targets(EncapsulateHandler(FlaxdcnDeformIm2colCpu),
-                                   EncapsulateHandler(FlaxdcnDeformIm2colBwdCpu),
-                                   EncapsulateHandler(FlaxdcnDeformRoiPoolCpu),
-                                   EncapsulateHandler(FlaxdcnDeformRoiPoolBwdCpu));
-    AddDcnv3Targets(py::dict(registrations["cpu"]), EncapsulateHandler(FlaxdcnDcnv3Cpu),
-                    EncapsulateHandler(FlaxdcnDcnv3BwdCpu), EncapsulateHandler(FlaxdcnDcnv4Cpu),
-                    EncapsulateHandler(FlaxdcnDcnv4BwdCpu));
+    registrations["cpu"] = cpu;
 #ifdef FLAXDCN_WITH_CUDA
-    registrations["CUDA"] = Targets(EncapsulateHandler(FlaxdcnDeformIm2colCuda),
-                                    EncapsulateHandler(FlaxdcnDeformIm2colBwdCuda),
-                                    EncapsulateHandler(FlaxdcnDeformRoiPoolCuda),
-                                    EncapsulateHandler(FlaxdcnDeformRoiPoolBwdCuda));
-    AddDcnv3Targets(py::dict(registrations["CUDA"]), EncapsulateHandler(FlaxdcnDcnv3Cuda),
-                    EncapsulateHandler(FlaxdcnDcnv3BwdCuda), EncapsulateHandler(FlaxdcnDcnv4Cuda),
-                    EncapsulateHandler(FlaxdcnDcnv4BwdCuda));
+    py::dict cuda;
+#define FLAXDCN_ADD_CUDA(name, stem) cuda[name] = EncapsulateHandler(Flaxdcn##stem##Cuda);
+    FLAXDCN_FOR_EACH_TARGET(FLAXDCN_ADD_CUDA)
+#undef FLAXDCN_ADD_CUDA
+    registrations["CUDA"] = cuda;
 #endif
     return registrations;
   }, "{platform: {target name: handler capsule}} of the kernels in this build.");

@@ -1,5 +1,5 @@
-// A stand-in for flaxdcn's native module (test only): the CUDA FFI handlers of
-// xla_ext/cuda_ops.cc, with their kernels under the SIMT emulation, registered as the CPU
+// A stand-in for flaxdcn's native module (test only): the CUDA FFI handlers of every target
+// (xla_ext/cuda/<op>_ffi.cc), with their kernels under the SIMT emulation, registered as the CPU
 // targets. tests/test_simt.py imports it as `flaxdcn._native` in a subprocess, so that
 // implementation="ffi" on the CPU runs the CUDA handler, launcher and kernel code.
 //
@@ -15,7 +15,7 @@
 #include "pybind11/pybind11.h"
 #include "xla/ffi/api/c_api.h"
 #include "xla/ffi/api/ffi.h"
-#include "xla_ext/ops.h"
+#include "xla_ext/common/handlers.h"
 
 namespace {
 
@@ -84,10 +84,9 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "flaxdcn's CUDA FFI handlers under the SIMT emulation, as CPU targets (tests only).";
   m.def("registrations", []() {
     py::dict targets;
-    targets["flaxdcn_deform_im2col"] = Capsule<FlaxdcnDeformIm2colCuda>();
-    targets["flaxdcn_deform_im2col_bwd"] = Capsule<FlaxdcnDeformIm2colBwdCuda>();
-    targets["flaxdcn_deform_roi_pool"] = Capsule<FlaxdcnDeformRoiPoolCuda>();
-    targets["flaxdcn_deform_roi_pool_bwd"] = Capsule<FlaxdcnDeformRoiPoolBwdCuda>();
+#define FLAXDCN_ADD_EMULATED(name, stem) targets[name] = Capsule<Flaxdcn##stem##Cuda>();
+    FLAXDCN_FOR_EACH_TARGET(FLAXDCN_ADD_EMULATED)
+#undef FLAXDCN_ADD_EMULATED
     py::dict registrations;
     registrations["cpu"] = targets;
     return registrations;

@@ -1,13 +1,13 @@
 // Host stand-in for the toolkit's cuda_bf16.h (used only where no CUDA toolkit is installed): the
 // storage type and the round-to-nearest-even conversions the kernels call, on the CPU kernels'
-// bfloat16 conversions (xla_ext/cpu_types.h).
+// bfloat16 conversions (xla_ext/cpu/types.h).
 
 #ifndef FLAXDCN_TESTS_SIMT_FALLBACK_CUDA_BF16_H_
 #define FLAXDCN_TESTS_SIMT_FALLBACK_CUDA_BF16_H_
 
 #include "cuda_fp16.h"
 #include "vector_types.h"
-#include "xla_ext/cpu_types.h"
+#include "xla_ext/cpu/types.h"
 
 struct alignas(2) __nv_bfloat16 {
   unsigned short __x;

@@ -1,12 +1,12 @@
 // Host stand-in for the toolkit's cuda_fp16.h (used only where no CUDA toolkit is installed): the
 // storage type and the round-to-nearest-even conversions the kernels call, on the CPU kernels'
-// IEEE binary16 conversions (xla_ext/cpu_types.h).
+// IEEE binary16 conversions (xla_ext/cpu/types.h).
 
 #ifndef FLAXDCN_TESTS_SIMT_FALLBACK_CUDA_FP16_H_
 #define FLAXDCN_TESTS_SIMT_FALLBACK_CUDA_FP16_H_
 
 #include "vector_types.h"
-#include "xla_ext/cpu_types.h"
+#include "xla_ext/cpu/types.h"
 
 struct alignas(2) __half {
   unsigned short __x;
