@@ -20,6 +20,17 @@ namespace cuda {
 
 constexpr int kBlockThreads = 256;
 
+// Registers of one SM on sm_80 and sm_90 (64 K 32-bit registers).
+constexpr int kRegistersPerSm = 65536;
+
+// Second argument of __launch_bounds__(kBlockThreads, ...): the blocks of kBlockThreads that must
+// fit on one SM at once when each thread holds `registers`, so ptxas keeps the kernel at or below
+// `registers` (64, 80 or 128 here; at most 128, the register budget tests/test_cuda_resources.py
+// checks in the built module) and, given a minimum, does not spill to local memory to reach a
+// higher occupancy of its own accord. Without one, nvcc 13.0 picks the count itself: it spills a
+// few bytes in some kernels to stay at 48 or 64 registers and gives others up to 242.
+constexpr int MinBlocks(int registers) { return kRegistersPerSm / (kBlockThreads * registers); }
+
 template <typename T>
 struct Tag {
   using type = T;

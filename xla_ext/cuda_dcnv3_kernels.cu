@@ -42,8 +42,9 @@ __device__ __forceinline__ ConvSample<Acc<T>> LoadDcnv3Sample(const Dcnv3Params&
   return MakeConvSample<A>(h, w, m, p.height, p.width);
 }
 
+// At most 64 registers (four blocks per SM), as the DCN im2col: a gather, spill-free within 64.
 template <typename T, int V>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, MinBlocks(64))
     Dcnv3Kernel(Dcnv3Params p, int lanes, const T* __restrict__ input,
                 const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ out) {
   using A = Acc<T>;
@@ -77,8 +78,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// At most 80 registers (three blocks per SM), as the DCN backward: float64 and the wide half-type
+// fixed-point variants spill within 64.
 template <typename T, int V, Accumulate M>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, MinBlocks(80))
     Dcnv3BackwardKernel(Dcnv3Params p, int lanes, const T* __restrict__ grad_out,
                         const T* __restrict__ input, const T* __restrict__ offset,
                         const T* __restrict__ mask, GradAccumulator<Acc<T>> acc,

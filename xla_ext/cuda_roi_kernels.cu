@@ -30,8 +30,9 @@ __device__ __forceinline__ RoiBin<Acc<T>> LoadBin(const RoiPoolParams& p, const 
   return MakeRoiBin<A>(rois, r, ph, pw, dy, dx, p);
 }
 
+// At most 80 registers (three blocks per SM): the float64 variants spill within 64.
 template <typename T, int V>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, MinBlocks(80))
     DeformRoiPoolKernel(RoiPoolParams p, int lanes, const T* __restrict__ features,
                         const Acc<T>* __restrict__ rois, const T* __restrict__ offset,
                         T* __restrict__ pooled) {
@@ -72,8 +73,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// At most 128 registers (two blocks per SM). A bin's geometry, a read's four corners and their
+// accumulator addresses stay live across the channel loop: float64 and the wide variants spill
+// within 80, and without the bound ptxas spends up to 242 registers on the wide half-type ones
+// (one block per SM). Within 128 no variant spills, wide vectors included.
 template <typename T, int V, Accumulate M>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, MinBlocks(128))
     DeformRoiPoolBackwardKernel(RoiPoolParams p, int lanes, const T* __restrict__ grad_pooled,
                                 const T* __restrict__ features, const Acc<T>* __restrict__ rois,
                                 const T* __restrict__ offset, GradAccumulator<Acc<T>> acc,
