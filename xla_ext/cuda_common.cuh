@@ -136,9 +136,19 @@ inline int SubWarpLanes(int64_t vectors) {
   return lanes;
 }
 
-inline unsigned int GridFor(int64_t units, int lanes) {
+// Largest gridDim.x of a launch (compute capability 3.0 and newer).
+constexpr int64_t kMaxGridBlocks = 2147483647;
+
+// Blocks of kBlockThreads that cover `units` sub-warps of `lanes` lanes, in *grid. More blocks
+// than one launch can have is cudaErrorInvalidConfiguration, the error CUDA gives a launch past
+// its limits, and *grid is left alone: the count never wraps to a smaller grid that would skip
+// units. `units` >= 0 and `lanes` a power of two <= 32, so the sum below cannot overflow.
+inline cudaError_t GridFor(int64_t units, int lanes, unsigned int* grid) {
   const int64_t per_block = kBlockThreads / lanes;
-  return static_cast<unsigned int>((units + per_block - 1) / per_block);
+  const int64_t blocks = units / per_block + (units % per_block != 0 ? 1 : 0);
+  if (blocks > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
+  *grid = static_cast<unsigned int>(blocks);
+  return cudaSuccess;
 }
 
 inline bool Aligned(const void* ptr, int bytes) {

@@ -169,7 +169,8 @@ cudaError_t LaunchDeformIm2col(cudaStream_t stream, ElementType type, const Conv
     using T = typename decltype(tag)::type;
     const int width = VectorWidth<T>(p, {input, columns});
     const int lanes = SubWarpLanes(p.group_channels() / width);
-    const unsigned int grid = GridFor(p.samples(), lanes);
+    unsigned int grid;
+    if (cudaError_t e = GridFor(p.samples(), lanes, &grid); e != cudaSuccess) return e;
     const auto* in = static_cast<const T*>(input);
     const auto* off = static_cast<const T*>(offset);
     const auto* msk = static_cast<const T*>(mask);
@@ -240,7 +241,8 @@ cudaError_t LaunchDeformIm2colBackward(cudaStream_t stream, ElementType type, co
     using A = Acc<T>;
     const int width = VectorWidth<T>(p, {grad_columns, input});
     const int lanes = SubWarpLanes(p.group_channels() / width);
-    const unsigned int grid = GridFor(p.samples(), lanes);
+    unsigned int grid;
+    if (cudaError_t e = GridFor(p.samples(), lanes, &grid); e != cudaSuccess) return e;
     const GradAccumulator<A> acc{static_cast<A*>(buffers.atomic), buffers.fixed,
                                  static_cast<A*>(buffers.special), buffers.scale};
     const auto* gcol = static_cast<const T*>(grad_columns);

@@ -177,10 +177,11 @@ int VectorWidth(const Dcnv3Params& p, std::initializer_list<const void*> pointer
 }
 
 template <typename T, Accumulate M>
-void LaunchBackwardKernel(cudaStream_t stream, const Dcnv3Params& p, int width, int lanes,
-                          const T* gout, const T* in, const T* off, const T* msk,
-                          const GradAccumulator<Acc<T>>& acc, T* goff, T* gmsk) {
-  const unsigned int grid = GridFor(p.samples(), lanes);
+cudaError_t LaunchBackwardKernel(cudaStream_t stream, const Dcnv3Params& p, int width, int lanes,
+                                 const T* gout, const T* in, const T* off, const T* msk,
+                                 const GradAccumulator<Acc<T>>& acc, T* goff, T* gmsk) {
+  unsigned int grid;
+  if (cudaError_t e = GridFor(p.samples(), lanes, &grid); e != cudaSuccess) return e;
   if (width == kWideVec<T>) {
     Dcnv3BackwardKernel<T, kWideVec<T>, M><<<grid, kBlockThreads, 0, stream>>>(
         p, lanes, gout, in, off, msk, acc, goff, gmsk);
@@ -188,6 +189,7 @@ void LaunchBackwardKernel(cudaStream_t stream, const Dcnv3Params& p, int width, 
     Dcnv3BackwardKernel<T, 1, M><<<grid, kBlockThreads, 0, stream>>>(p, lanes, gout, in, off,
                                                                        msk, acc, goff, gmsk);
   }
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -202,7 +204,8 @@ cudaError_t LaunchDcnv3(cudaStream_t stream, ElementType type, const Dcnv3Params
     using T = typename decltype(tag)::type;
     const int width = VectorWidth<T>(p, {input, out});
     const int lanes = SubWarpLanes(p.group_channels() / width);
-    const unsigned int grid = GridFor(units, lanes);
+    unsigned int grid;
+    if (cudaError_t e = GridFor(units, lanes, &grid); e != cudaSuccess) return e;
     const auto* in = static_cast<const T*>(input);
     const auto* off = static_cast<const T*>(offset);
     const auto* msk = static_cast<const T*>(mask);
@@ -248,7 +251,8 @@ cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcn
   if (p.pad_channels_begin > 0 && rows > 0) {
     // DCNv4's padding channels: the tail of every row of grad_offset_mask.
     const int64_t width = (p.offset_stride - p.pad_channels_begin) * bytes;
-    const unsigned int grid = GridFor(rows * width, 1);
+    unsigned int grid;
+    if (cudaError_t e = GridFor(rows * width, 1, &grid); e != cudaSuccess) return e;
     ZeroRowTailsKernel<<<grid, kBlockThreads, 0, stream>>>(
         static_cast<unsigned char*>(grad_offset), rows, p.offset_stride * bytes,
         p.pad_channels_begin * bytes);
@@ -285,7 +289,9 @@ cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcn
     const void* mask_values = mask;  // DCNv3: [N, Ho, Wo, G * P], contiguous
     if (gathered > 0) {
       const int64_t width = bytes;
-      GatherMaskKernel<<<GridFor(p.samples() * width, 1), kBlockThreads, 0, stream>>>(
+      unsigned int grid;
+      if (cudaError_t e = GridFor(p.samples() * width, 1, &grid); e != cudaSuccess) return e;
+      GatherMaskKernel<<<grid, kBlockThreads, 0, stream>>>(
           p, static_cast<const unsigned char*>(mask), static_cast<unsigned char*>(workspace),
           width);
       if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
@@ -318,13 +324,11 @@ cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcn
     auto* goff = static_cast<T*>(grad_offset);
     auto* gmsk = static_cast<T*>(grad_mask);
     if (deterministic) {
-      LaunchBackwardKernel<T, Accumulate::kFixedPoint>(stream, p, width, lanes, gout, in, off,
-                                                        msk, acc, goff, gmsk);
-    } else {
-      LaunchBackwardKernel<T, Accumulate::kAtomic>(stream, p, width, lanes, gout, in, off, msk,
-                                                   acc, goff, gmsk);
+      return LaunchBackwardKernel<T, Accumulate::kFixedPoint>(stream, p, width, lanes, gout, in,
+                                                               off, msk, acc, goff, gmsk);
     }
-    return cudaGetLastError();
+    return LaunchBackwardKernel<T, Accumulate::kAtomic>(stream, p, width, lanes, gout, in, off,
+                                                        msk, acc, goff, gmsk);
   });
   if (status != cudaSuccess) return status;
   return FinishGrad(stream, type, elements, deterministic, buffers, grad_input);

@@ -164,7 +164,8 @@ cudaError_t LaunchDeformRoiPool(cudaStream_t stream, ElementType type, const Roi
     using A = Acc<T>;
     const int width = VectorWidth<T>(p, {features, pooled});
     const int lanes = SubWarpLanes(p.channels / width);
-    const unsigned int grid = GridFor(p.bins(), lanes);
+    unsigned int grid;
+    if (cudaError_t e = GridFor(p.bins(), lanes, &grid); e != cudaSuccess) return e;
     const auto* f = static_cast<const T*>(features);
     const auto* r = static_cast<const A*>(rois);
     const auto* off = static_cast<const T*>(offset);
@@ -226,7 +227,8 @@ cudaError_t LaunchDeformRoiPoolBackward(cudaStream_t stream, ElementType type,
     using A = Acc<T>;
     const int width = VectorWidth<T>(p, {grad_pooled, features});
     const int lanes = SubWarpLanes(p.channels / width);
-    const unsigned int grid = GridFor(p.bins(), lanes);
+    unsigned int grid;
+    if (cudaError_t e = GridFor(p.bins(), lanes, &grid); e != cudaSuccess) return e;
     const GradAccumulator<A> acc{static_cast<A*>(buffers.atomic), buffers.fixed,
                                  static_cast<A*>(buffers.special), buffers.scale};
     const auto* g = static_cast<const T*>(grad_pooled);
