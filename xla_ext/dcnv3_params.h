@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "xla_ext/params.h"
+#include "xla_ext/sampling.h"
 
 namespace flaxdcn {
 
@@ -61,14 +62,17 @@ FLAXDCN_HD void Dcnv3Point(const Dcnv3Params& p, int64_t k, int64_t* i, int64_t*
 
 // Sample location of output (y, x), point (i, j), offset (dx, dy):
 //   w = x * sw - pw + c_w + (i * dw - c_w + dx) * s,  c_w = (dw * (kw - 1)) / 2; h likewise.
+// Three roundings in every build: the product rounds on its own (MulRn), because a fused
+// multiply-add (nvcc's default) can land a sample on the other side of an integer than two
+// roundings do when s != 1, and move the read by a pixel and its offset gradient by O(1).
 template <typename A>
 FLAXDCN_HD void Dcnv3Location(const Dcnv3Params& p, int64_t y, int64_t x, int64_t i, int64_t j,
                               A dx, A dy, A* h, A* w) {
   const int64_t c_h = (p.dilation_h * (p.kernel_h - 1)) / 2;
   const int64_t c_w = (p.dilation_w * (p.kernel_w - 1)) / 2;
   const A s = A(p.offset_scale);
-  *h = A(y * p.stride_h - p.pad_h + c_h) + (A(j * p.dilation_h - c_h) + dy) * s;
-  *w = A(x * p.stride_w - p.pad_w + c_w) + (A(i * p.dilation_w - c_w) + dx) * s;
+  *h = A(y * p.stride_h - p.pad_h + c_h) + MulRn(A(j * p.dilation_h - c_h) + dy, s);
+  *w = A(x * p.stride_w - p.pad_w + c_w) + MulRn(A(i * p.dilation_w - c_w) + dx, s);
 }
 
 }  // namespace flaxdcn
