@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kBlockThreads, MinBlocks(80))
 }
 
 // At most 128 registers (two blocks per SM). A bin's geometry, a read's four corners and their
-// accumulator addresses stay live across the channel loop: float64 and the wide variants spill
+// accumulator addresses stay live across the channel loop: float64 and most wide variants spill
 // within 80, and without the bound ptxas spends up to 242 registers on the wide half-type ones
 // (one block per SM). Within 128 no variant spills, wide vectors included.
 template <typename T, int V, Accumulate M>

@@ -62,9 +62,9 @@ FLAXDCN_HD void Dcnv3Point(const Dcnv3Params& p, int64_t k, int64_t* i, int64_t*
 
 // Sample location of output (y, x), point (i, j), offset (dx, dy):
 //   w = x * sw - pw + c_w + (i * dw - c_w + dx) * s,  c_w = (dw * (kw - 1)) / 2; h likewise.
-// Three roundings in every build: the product rounds on its own (MulRn), because a fused
-// multiply-add (nvcc's default) can land a sample on the other side of an integer than two
-// roundings do when s != 1, and move the read by a pixel and its offset gradient by O(1).
+// The product rounds on its own in every build (MulRn): with s != 1 a fused multiply-add (nvcc's
+// default) can land a sample on the other side of an integer than separate roundings do, which
+// moves the read by a pixel and its offset gradient by O(1).
 template <typename A>
 FLAXDCN_HD void Dcnv3Location(const Dcnv3Params& p, int64_t y, int64_t x, int64_t i, int64_t j,
                               A dx, A dy, A* h, A* w) {
