@@ -9,6 +9,7 @@
 
 #include "xla_ext/common/base.h"
 #include "xla_ext/common/deform_conv.h"
+#include "xla_ext/common/sampling.h"
 
 namespace flaxdcn {
 
@@ -67,14 +68,17 @@ FLAXDCN_HD void Dcnv3Point(const Dcnv3Params& p, int64_t k, int64_t* i, int64_t*
 
 // Sample location of output (y, x), point (i, j), offset (dx, dy):
 //   w = x * sw - pw + c_w + (i * dw - c_w + dx) * s,  c_w = (dw * (kw - 1)) / 2; h likewise.
+// The product rounds on its own in every build (MulRn): with s != 1 a fused multiply-add (nvcc's
+// default) can land a sample on the other side of an integer than separate roundings do, which
+// moves the read by a pixel and its offset gradient by O(1).
 template <typename A>
 FLAXDCN_HD void Dcnv3Location(const Dcnv3Params& p, int64_t y, int64_t x, int64_t i, int64_t j,
                               A dx, A dy, A* h, A* w) {
   const int64_t c_h = (p.dilation_h * (p.kernel_h - 1)) / 2;
   const int64_t c_w = (p.dilation_w * (p.kernel_w - 1)) / 2;
   const A s = A(p.offset_scale);
-  *h = A(y * p.stride_h - p.pad_h + c_h) + (A(j * p.dilation_h - c_h) + dy) * s;
-  *w = A(x * p.stride_w - p.pad_w + c_w) + (A(i * p.dilation_w - c_w) + dx) * s;
+  *h = A(y * p.stride_h - p.pad_h + c_h) + MulRn(A(j * p.dilation_h - c_h) + dy, s);
+  *w = A(x * p.stride_w - p.pad_w + c_w) + MulRn(A(i * p.dilation_w - c_w) + dx, s);
 }
 
 }  // namespace flaxdcn

@@ -13,12 +13,45 @@
 #include <math.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "xla_ext/common/base.h"
 #include "xla_ext/common/deform_conv.h"
 #include "xla_ext/common/roi_pool.h"
 
 namespace flaxdcn {
+
+// a * b rounded to A on its own, never fused with an addition that takes it. nvcc contracts
+// x + a * b into one fused multiply-add (one rounding), and so does a host compiler with FMA
+// hardware under -ffp-contract=fast (GCC's default outside ISO mode: aarch64, or x86-64 with
+// -mfma), while a baseline x86-64 build rounds twice. Sample coordinates decide which pixels a
+// read takes (floor, truncation, the range tests): the shared code forms every product that feeds
+// a coordinate here, so that CPU, CUDA and emulated builds compute each coordinate bit for bit
+// alike, two roundings everywhere. On the device, __fmul_rn / __dmul_rn are never contracted; on
+// the host, an empty asm that may rewrite the product hides it from the contraction.
+template <typename A>
+FLAXDCN_HD A MulRn(A a, A b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<A, float>) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
+#else
+  A product = a * b;
+#if defined(__GNUC__) && (defined(__x86_64__) || (defined(__i386__) && defined(__SSE2__)))
+  __asm__("" : "+x"(product));
+#elif defined(__GNUC__) && defined(__aarch64__)
+  __asm__("" : "+w"(product));
+#elif defined(__GNUC__)
+  __asm__("" : "+m"(product));
+#else
+  volatile A opaque = product;
+  product = opaque;
+#endif
+  return product;
+#endif
+}
 
 FLAXDCN_HD float Floor(float x) { return floorf(x); }
 FLAXDCN_HD double Floor(double x) { return floor(x); }
@@ -269,11 +302,12 @@ FLAXDCN_HD RoiBin<A> MakeRoiBin(const A* rois, int64_t r, int64_t ph, int64_t pw
     ok = ok && IsFinite(index) && index > A(-1) && index < A(p.batch);
     b.image = ok ? static_cast<int64_t>(index) : 0;
   }
+  // Products that feed a coordinate round on their own (MulRn): no build fuses them.
   const A scale = A(p.spatial_scale);
-  const A start_w = box[0] * scale - A(0.5);
-  const A start_h = box[1] * scale - A(0.5);
-  const A end_w = box[2] * scale - A(0.5);
-  const A end_h = box[3] * scale - A(0.5);
+  const A start_w = MulRn(box[0], scale) - A(0.5);
+  const A start_h = MulRn(box[1], scale) - A(0.5);
+  const A end_w = MulRn(box[2], scale) - A(0.5);
+  const A end_h = MulRn(box[3], scale) - A(0.5);
   b.roi_w = end_w - start_w;
   b.roi_h = end_h - start_h;
   const A bin_h = b.roi_h / A(p.out_height);
@@ -281,12 +315,12 @@ FLAXDCN_HD RoiBin<A> MakeRoiBin(const A* rois, int64_t r, int64_t ph, int64_t pw
   const A grid_h = p.sampling_ratio > 0 ? A(p.sampling_ratio) : Ceil(bin_h);
   const A grid_w = p.sampling_ratio > 0 ? A(p.sampling_ratio) : Ceil(bin_w);
   ok = ok && IsFinite(bin_h) && IsFinite(bin_w) && grid_h > A(0) && grid_w > A(0);
-  b.origin_h = start_h + A(ph) * bin_h;
-  b.origin_w = start_w + A(pw) * bin_w;
+  b.origin_h = start_h + MulRn(A(ph), bin_h);
+  b.origin_w = start_w + MulRn(A(pw), bin_w);
   if (p.has_offsets) {
     const A gamma = A(p.gamma);
-    b.origin_h = b.origin_h + gamma * b.roi_h * dy;
-    b.origin_w = b.origin_w + gamma * b.roi_w * dx;
+    b.origin_h = b.origin_h + MulRn(gamma * b.roi_h, dy);
+    b.origin_w = b.origin_w + MulRn(gamma * b.roi_w, dx);
   }
   ok = ok && IsFinite(b.origin_h) && IsFinite(b.origin_w);
   b.valid = ok;
@@ -305,10 +339,10 @@ FLAXDCN_HD RoiBin<A> MakeRoiBin(const A* rois, int64_t r, int64_t ph, int64_t pw
   return b;
 }
 
-// Coordinate of sample i of a sub-grid.
+// Coordinate of sample i of a sub-grid (the product rounded on its own, see MulRn).
 template <typename A>
 FLAXDCN_HD A RoiSampleCoord(A origin, A step, int64_t i) {
-  return origin + (A(i) + A(0.5)) * step;
+  return origin + MulRn(A(i) + A(0.5), step);
 }
 
 }  // namespace flaxdcn

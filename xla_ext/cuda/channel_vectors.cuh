@@ -125,7 +125,8 @@ cudaError_t LaunchSampleBackward(ElementType type, const Params& p, bool determi
     using A = Acc<T>;
     const int width = VectorWidth<T>(p, vector_pointers);
     const int lanes = SubWarpLanes(p.group_channels() / width);
-    const unsigned int grid = GridFor(p.samples(), lanes);
+    unsigned int grid;
+    if (cudaError_t e = GridFor(p.samples(), lanes, &grid); e != cudaSuccess) return e;
     const GradAccumulator<A> acc{static_cast<A*>(buffers.atomic), buffers.fixed,
                                  static_cast<A*>(buffers.special), buffers.scale};
     WithWidthAndMode<T>(width, deterministic, [&](auto v, auto mode) {

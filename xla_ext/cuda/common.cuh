@@ -20,6 +20,17 @@ namespace cuda {
 
 constexpr int kBlockThreads = 256;
 
+// Registers of one SM on sm_80 and sm_90 (64 K 32-bit registers).
+constexpr int kRegistersPerSm = 65536;
+
+// Second argument of __launch_bounds__(kBlockThreads, ...): the blocks of kBlockThreads that must
+// fit on one SM at once when each thread holds `registers`, so ptxas keeps the kernel at or below
+// `registers` (64, 80 or 128 here; at most 128, the register budget tests/test_cuda_resources.py
+// checks in the built module) and, given a minimum, does not spill to local memory to reach a
+// higher occupancy of its own accord. Without one, nvcc 13.0 picks the count itself: it spills a
+// few bytes in some kernels to stay at 48 or 64 registers and gives others up to 242.
+constexpr int MinBlocks(int registers) { return kRegistersPerSm / (kBlockThreads * registers); }
+
 template <typename T>
 struct Tag {
   using type = T;
@@ -125,9 +136,19 @@ inline int SubWarpLanes(int64_t vectors) {
   return lanes;
 }
 
-inline unsigned int GridFor(int64_t units, int lanes) {
+// Largest gridDim.x of a launch (compute capability 3.0 and newer).
+constexpr int64_t kMaxGridBlocks = 2147483647;
+
+// Blocks of kBlockThreads that cover `units` sub-warps of `lanes` lanes, in *grid. More blocks
+// than one launch can have is cudaErrorInvalidConfiguration, the error CUDA gives a launch past
+// its limits, and *grid is left alone: the count never wraps to a smaller grid that would skip
+// units. `units` >= 0 and `lanes` a power of two <= 32, so the sum below cannot overflow.
+inline cudaError_t GridFor(int64_t units, int lanes, unsigned int* grid) {
   const int64_t per_block = kBlockThreads / lanes;
-  return static_cast<unsigned int>((units + per_block - 1) / per_block);
+  const int64_t blocks = units / per_block + (units % per_block != 0 ? 1 : 0);
+  if (blocks > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
+  *grid = static_cast<unsigned int>(blocks);
+  return cudaSuccess;
 }
 
 inline bool Aligned(const void* ptr, int bytes) {

@@ -41,8 +41,9 @@ __device__ __forceinline__ ConvSample<Acc<T>> LoadDcnv3Sample(const Dcnv3Params&
   return MakeConvSample<A>(h, w, m, p.height, p.width);
 }
 
+// At most 64 registers (four blocks per SM), as the DCN im2col: a gather, spill-free within 64.
 template <typename T, int V>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, MinBlocks(64))
     Dcnv3Kernel(Dcnv3Params p, int lanes, const T* __restrict__ input,
                 const T* __restrict__ offset, const T* __restrict__ mask, T* __restrict__ out) {
   using A = Acc<T>;
@@ -69,8 +70,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// At most 80 registers (three blocks per SM), as the DCN backward: float64 and the wide half-type
+// fixed-point variants spill within 64.
 template <typename T, int V, Accumulate M>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, MinBlocks(80))
     Dcnv3BackwardKernel(Dcnv3Params p, int lanes, const T* __restrict__ grad_out,
                         const T* __restrict__ input, const T* __restrict__ offset,
                         const T* __restrict__ mask, GradAccumulator<Acc<T>> acc,
@@ -145,7 +148,8 @@ cudaError_t LaunchDcnv3(cudaStream_t stream, ElementType type, const Dcnv3Params
     using T = typename decltype(tag)::type;
     const int width = VectorWidth<T>(p, {input, out});
     const int lanes = SubWarpLanes(p.group_channels() / width);
-    const unsigned int grid = GridFor(units, lanes);
+    unsigned int grid;
+    if (cudaError_t e = GridFor(units, lanes, &grid); e != cudaSuccess) return e;
     const auto* in = static_cast<const T*>(input);
     const auto* off = static_cast<const T*>(offset);
     const auto* msk = static_cast<const T*>(mask);
@@ -189,7 +193,8 @@ cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcn
   if (p.pad_channels_begin > 0 && rows > 0) {
     // DCNv4's padding channels: the tail of every row of grad_offset_mask.
     const int64_t width = (p.offset_stride - p.pad_channels_begin) * bytes;
-    const unsigned int grid = GridFor(rows * width, 1);
+    unsigned int grid;
+    if (cudaError_t e = GridFor(rows * width, 1, &grid); e != cudaSuccess) return e;
     ZeroRowTailsKernel<<<grid, kBlockThreads, 0, stream>>>(
         static_cast<unsigned char*>(grad_offset), rows, p.offset_stride * bytes,
         p.pad_channels_begin * bytes);
@@ -221,7 +226,9 @@ cudaError_t LaunchDcnv3Backward(cudaStream_t stream, ElementType type, const Dcn
     const void* mask_values = mask;  // DCNv3: [N, Ho, Wo, G * P], contiguous
     if (gathered > 0) {
       const int64_t width = bytes;
-      GatherMaskKernel<<<GridFor(p.samples() * width, 1), kBlockThreads, 0, stream>>>(
+      unsigned int grid;
+      if (cudaError_t e = GridFor(p.samples() * width, 1, &grid); e != cudaSuccess) return e;
+      GatherMaskKernel<<<grid, kBlockThreads, 0, stream>>>(
           p, static_cast<const unsigned char*>(mask), static_cast<unsigned char*>(workspace),
           width);
       if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;

@@ -57,8 +57,10 @@ __device__ __forceinline__ ConvSample<Acc<T>> LoadSample(const ConvParams& p,
   return MakeConvSample<A>(h, w, m, p.height, p.width);
 }
 
+// At most 64 registers (four blocks per SM): a gather needs the resident warps to hide its loads,
+// and no variant spills within 64.
 template <typename T, int V>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, MinBlocks(64))
     DeformIm2colKernel(ConvParams p, int lanes, const T* __restrict__ input,
                        const T* __restrict__ offset, const T* __restrict__ mask,
                        T* __restrict__ columns) {
@@ -81,8 +83,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// At most 80 registers (three blocks per SM): float64 and the wide half-type fixed-point variants
+// spill within 64.
 template <typename T, int V, Accumulate M>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, MinBlocks(80))
     DeformIm2colBackwardKernel(ConvParams p, int lanes, const T* __restrict__ grad_columns,
                                const T* __restrict__ input, const T* __restrict__ offset,
                                const T* __restrict__ mask, GradAccumulator<Acc<T>> acc,
@@ -132,7 +136,8 @@ cudaError_t LaunchDeformIm2col(cudaStream_t stream, ElementType type, const Conv
     using T = typename decltype(tag)::type;
     const int width = VectorWidth<T>(p, {input, columns});
     const int lanes = SubWarpLanes(p.group_channels() / width);
-    const unsigned int grid = GridFor(p.samples(), lanes);
+    unsigned int grid;
+    if (cudaError_t e = GridFor(p.samples(), lanes, &grid); e != cudaSuccess) return e;
     const auto* in = static_cast<const T*>(input);
     const auto* off = static_cast<const T*>(offset);
     const auto* msk = static_cast<const T*>(mask);

@@ -30,8 +30,9 @@ __device__ __forceinline__ RoiBin<Acc<T>> LoadBin(const RoiPoolParams& p, const 
   return MakeRoiBin<A>(rois, r, ph, pw, dy, dx, p);
 }
 
+// At most 80 registers (three blocks per SM): the float64 variants spill within 64.
 template <typename T, int V>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, MinBlocks(80))
     DeformRoiPoolKernel(RoiPoolParams p, int lanes, const T* __restrict__ features,
                         const Acc<T>* __restrict__ rois, const T* __restrict__ offset,
                         T* __restrict__ pooled) {
@@ -72,8 +73,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// At most 128 registers (two blocks per SM). A bin's geometry, a read's four corners and their
+// accumulator addresses stay live across the channel loop: float64 and most wide variants spill
+// within 80, and without the bound ptxas spends up to 242 registers on the wide half-type ones
+// (one block per SM). Within 128 no variant spills, wide vectors included.
 template <typename T, int V, Accumulate M>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, MinBlocks(128))
     DeformRoiPoolBackwardKernel(RoiPoolParams p, int lanes, const T* __restrict__ grad_pooled,
                                 const T* __restrict__ features, const Acc<T>* __restrict__ rois,
                                 const T* __restrict__ offset, GradAccumulator<Acc<T>> acc,
@@ -159,7 +164,8 @@ cudaError_t LaunchDeformRoiPool(cudaStream_t stream, ElementType type, const Roi
     using A = Acc<T>;
     const int width = VectorWidth<T>(p, {features, pooled});
     const int lanes = SubWarpLanes(p.channels / width);
-    const unsigned int grid = GridFor(p.bins(), lanes);
+    unsigned int grid;
+    if (cudaError_t e = GridFor(p.bins(), lanes, &grid); e != cudaSuccess) return e;
     const auto* f = static_cast<const T*>(features);
     const auto* r = static_cast<const A*>(rois);
     const auto* off = static_cast<const T*>(offset);
@@ -221,7 +227,8 @@ cudaError_t LaunchDeformRoiPoolBackward(cudaStream_t stream, ElementType type,
     using A = Acc<T>;
     const int width = VectorWidth<T>(p, {grad_pooled, features});
     const int lanes = SubWarpLanes(p.channels / width);
-    const unsigned int grid = GridFor(p.bins(), lanes);
+    unsigned int grid;
+    if (cudaError_t e = GridFor(p.bins(), lanes, &grid); e != cudaSuccess) return e;
     const GradAccumulator<A> acc{static_cast<A*>(buffers.atomic), buffers.fixed,
                                  static_cast<A*>(buffers.special), buffers.scale};
     const auto* g = static_cast<const T*>(grad_pooled);
