@@ -6,6 +6,7 @@ The NNX modules are in :mod:`flaxdcn.nnx`, the PyTorch checkpoint converters in
 """
 
 from flaxdcn._ffi import build_info as build_info
+from flaxdcn._ffi import disabled_safety_checks as disabled_safety_checks
 from flaxdcn.linen.conv import DeformConv as DeformConv
 from flaxdcn.linen.dcnv3 import DCNv3 as DCNv3
 from flaxdcn.linen.dcnv3 import DCNv4 as DCNv4

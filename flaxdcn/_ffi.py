@@ -16,6 +16,10 @@ Every native op is one row of the table ``_OPS`` (an :class:`_Op`): a forward FF
   both targets registered as batch partitionable, so under ``jit`` with batch-sharded inputs
   every device runs its own shard (no all-gather).
 
+A lowering for ``jax.export`` takes the fallback wherever there is one, so that an exported
+module is plain StableHLO; :func:`disabled_safety_checks` lets an export keep the custom calls
+that ``implementation="ffi"`` asks for.
+
 ``jax.custom_vjp`` ties each forward to its backward; the residuals are the inputs (the forward's
 intermediates are never kept). Registration happens once, at import, for every platform the
 build has (a CUDA target registered on a CPU-only jaxlib is queued for a CUDA plugin, harmlessly).
@@ -255,6 +259,41 @@ def build_info() -> dict[str, Any]:
   return info
 
 
+def disabled_safety_checks() -> list[jax.export.DisabledSafetyCheck]:
+  """The ``disabled_checks`` that let ``jax.export`` serialise flaxdcn's native custom calls.
+
+  With the default ``implementation=None`` an exported function holds no custom call and needs
+  none of this: a lowering for export takes the pure-jnp path. Where ``implementation="ffi"``
+  asks for the native kernels in an exported function, pass this list to
+  ``jax.export.export(..., disabled_checks=...)``. It names the forward and backward FFI target
+  of every native op, whatever platforms this build has (a target name is the same on every
+  platform, and a check for a target the module does not use changes nothing). The artifact
+  then runs only in a process that imported flaxdcn, whose targets have those names and
+  attributes.
+
+  Example usage::
+
+    >>> import jax, jax.numpy as jnp
+    >>> import flaxdcn
+    >>> def conv(x, offsets, kernel):
+    ...   return flaxdcn.deform_conv2d(x, offsets, kernel, implementation="ffi")
+    >>> x, offsets = jnp.ones((1, 5, 5, 4)), jnp.zeros((1, 3, 3, 18))
+    >>> kernel = jnp.ones((3, 3, 4, 8))
+    >>> exported = jax.export.export(jax.jit(conv), platforms=("cpu",),
+    ...                              disabled_checks=flaxdcn.disabled_safety_checks())(
+    ...     x, offsets, kernel)
+    >>> "flaxdcn_deform_im2col" in exported.mlir_module()
+    True
+    >>> exported.call(x, offsets, kernel).shape
+    (1, 3, 3, 8)
+
+  Returns:
+    A list of ``jax.export.DisabledSafetyCheck.custom_call(target)``, one per FFI target.
+  """
+  return [jax.export.DisabledSafetyCheck.custom_call(name)
+          for op in _OPS for name in (op.target, op.target + "_bwd")]
+
+
 # --- Lowering ------------------------------------------------------------------------------------
 
 def _gpu_backend_present() -> bool:
@@ -295,12 +334,20 @@ def _warn_cuda_fallback(problem: str) -> None:
 def _lowers_natively(ctx, op: _Op, platform: str | None, fallback: Callable | None) -> bool:
   """Whether ``op`` lowers to its custom call for ``platform`` (True) or to ``fallback`` (False);
   raises where the custom call cannot serve and there is no fallback. Every lowering of every
-  op decides here."""
+  op decides here.
+
+  A lowering for ``jax.export`` takes the fallback wherever there is one
+  (``implementation=None``), so that the exported module is plain StableHLO that runs without
+  flaxdcn; ``implementation="ffi"`` (no fallback) exports the custom call, which
+  :func:`disabled_safety_checks` lets ``jax.export`` accept."""
+  if fallback is not None and ctx.module_context.lowering_parameters.for_export:
+    return False
   if platform not in _TARGETS:
     if fallback is None:
+      missing = [p for p in ctx.module_context.platforms if p not in _TARGETS]
       raise NotImplementedError(
           f"{op.name}: implementation='ffi' needs the native kernels for platform "
-          f"{'/'.join(ctx.module_context.platforms)}, but this flaxdcn build has them for: "
+          f"{'/'.join(missing)}, but this flaxdcn build has them for: "
           f"{', '.join(sorted(_TARGETS) or ['none'])}"
           + (f" ({_IMPORT_ERROR})" if _IMPORT_ERROR else "")
           + ". Use implementation=None (native where built, else 'xla') or 'xla'.")

@@ -23,17 +23,15 @@ pytestmark = [pytest.mark.cuda,
 NATIVE_CALL = "custom_call @flaxdcn_deform_im2col("
 
 
-def _export_for_cuda(implementation):
+def _lower_for_cuda(implementation):
+  """The ``jit`` lowering of a gradient for ``cuda`` (it needs no CUDA backend)."""
   rng = np.random.default_rng(0)
   inputs = jnp.asarray(rng.normal(size=(2, 5, 6, 4)), jnp.float32)
   offsets = jnp.asarray(rng.normal(size=(2, 5, 6, 18)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 3)), jnp.float32)
   fn = jax.jit(jax.grad(lambda x, o, k: jnp.sum(flaxdcn.deform_conv2d(
       x, o, k, padding="SAME", implementation=implementation)), argnums=(0, 1, 2)))
-  checks = [jax.export.DisabledSafetyCheck.custom_call("flaxdcn_deform_im2col"),
-            jax.export.DisabledSafetyCheck.custom_call("flaxdcn_deform_im2col_bwd")]
-  return jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(
-      inputs, offsets, kernel).mlir_module()
+  return fn.trace(inputs, offsets, kernel).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.fixture
@@ -70,14 +68,14 @@ def test_no_gpu_backend_no_check_no_warning(fresh_check):
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     assert _ffi._cuda_driver_problem() is None
-    module = _export_for_cuda(None)
+    module = _lower_for_cuda(None)
   assert NATIVE_CALL in module and "flaxdcn_deform_im2col_bwd" in module
 
 
 def test_old_driver_default_falls_back_with_one_warning(old_driver):
   with pytest.warns(RuntimeWarning, match=r"driver for CUDA 12\.8.*CUDA 13\.0 runtime") as record:
-    module = _export_for_cuda(None)
-    _export_for_cuda(None)  # a second program: no second warning
+    module = _lower_for_cuda(None)
+    _lower_for_cuda(None)  # a second program: no second warning
   assert len([w for w in record if "flaxdcn" in str(w.message)]) == 1
   assert "flaxdcn_deform_im2col" not in module  # the jnp path, forward and backward
 
@@ -85,7 +83,7 @@ def test_old_driver_default_falls_back_with_one_warning(old_driver):
 def test_old_driver_ffi_raises_naming_both_versions(old_driver):
   with pytest.raises(RuntimeError, match=r"implementation='ffi' cannot run the CUDA kernels: "
                                          r"this machine has a driver for CUDA 12\.8.*CUDA 13\.0"):
-    _export_for_cuda("ffi")
+    _lower_for_cuda("ffi")
 
 
 def test_gpu_backend_without_driver_library(monkeypatch, fresh_check):
@@ -95,7 +93,7 @@ def test_gpu_backend_without_driver_library(monkeypatch, fresh_check):
   monkeypatch.setattr(_ffi, "build_info", lambda: info)
   assert "no CUDA driver" in _ffi._cuda_driver_problem()
   with pytest.raises(RuntimeError, match="no CUDA driver"):
-    _export_for_cuda("ffi")
+    _lower_for_cuda("ffi")
 
 
 def test_current_driver_keeps_the_native_call(monkeypatch, fresh_check):
@@ -105,4 +103,4 @@ def test_current_driver_keeps_the_native_call(monkeypatch, fresh_check):
   monkeypatch.setattr(_ffi, "build_info", lambda: info)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    assert NATIVE_CALL in _export_for_cuda("ffi")
+    assert NATIVE_CALL in _lower_for_cuda("ffi")

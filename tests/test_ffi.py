@@ -318,12 +318,12 @@ def test_remat_and_eager():
 
 # --- Dispatch ------------------------------------------------------------------------------------
 
-def _export(implementation, platform):
+def _lower(implementation, platform):
+  """The ``jit`` lowering for ``platform`` (any platform lowers without its backend; an export
+  would take the jnp path for ``None``: tests/test_export.py)."""
   inputs, offsets, mask, kernel = conv_args((2,))
   fn = jax.jit(functools.partial(conv, implementation=implementation))
-  checks = [jax.export.DisabledSafetyCheck.custom_call("flaxdcn_deform_im2col")]
-  return jax.export.export(fn, platforms=[platform], disabled_checks=checks)(
-      inputs, offsets, mask, kernel).mlir_module()
+  return fn.trace(inputs, offsets, mask, kernel).lower(lowering_platforms=(platform,)).as_text()
 
 
 NATIVE_CALL = "custom_call @flaxdcn_deform_im2col("
@@ -332,23 +332,23 @@ NATIVE_CALL = "custom_call @flaxdcn_deform_im2col("
 def test_dispatch_is_decided_per_lowered_platform():
   """None: the native call where built (cpu here), the jnp sampling elsewhere; "ffi" where not
   built: a clear error at lowering time."""
-  assert NATIVE_CALL in _export(None, "cpu")
-  assert NATIVE_CALL not in _export(None, "tpu")
-  assert NATIVE_CALL not in _export("xla", "cpu")
+  assert NATIVE_CALL in _lower(None, "cpu")
+  assert NATIVE_CALL not in _lower(None, "tpu")
+  assert NATIVE_CALL not in _lower("xla", "cpu")
   with pytest.raises(NotImplementedError, match="implementation='ffi' needs the native kernels "
                                                 "for platform tpu"):
-    _export("ffi", "tpu")
+    _lower("ffi", "tpu")
 
 
 def test_custom_call_carries_batch_partitioning():
-  module = _export("ffi", "cpu")
+  module = _lower("ffi", "cpu")
   assert 'num_batch_dims = "1"' in module
   assert "sdy.sharding_rule" in module
 
 
 @pytest.mark.skipif(not _ffi.available("cuda"), reason="CUDA kernels not built")
 def test_cuda_lowering_uses_the_same_targets():
-  module = _export("ffi", "cuda")
+  module = _lower("ffi", "cuda")
   assert NATIVE_CALL in module and 'num_batch_dims = "1"' in module
 
 
