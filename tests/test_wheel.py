@@ -30,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = pathlib.Path(__file__).resolve().parent / "wheel_check_script.py"
 VERSION = "0.1.0"
 #: Sources a build reads, by suffix.
-SOURCE_SUFFIXES = {".py", ".pyi", ".h", ".cc", ".cu"}
+SOURCE_SUFFIXES = {".py", ".pyi", ".h", ".hpp", ".cc", ".cu", ".cuh"}
 #: Environment variables that could lead a build (or the check) to tools or a source tree.
 BUILD_ENV = ("CC", "CXX", "CUDACXX", "CUDAHOSTCXX", "CUDA_HOME", "CUDA_PATH", "PYTHONPATH",
              "VIRTUAL_ENV", "LD_LIBRARY_PATH")

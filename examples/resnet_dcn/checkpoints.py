@@ -12,8 +12,9 @@ What Orbax brings over writing a file by hand:
   interrupted save (a killed process, a preempted host) leaves the previous steps intact and is
   never mistaken for a checkpoint.
 - **Multi-host**: every process calls :meth:`Checkpoints.save` and :meth:`Checkpoints.restore`
-  (they are collective); each array is written once, by the process that holds its shard (of a
-  replicated array: one replica), and the directory must be one that every process sees.
+  (they are collective); every element of an array is written once, by a process that holds it
+  (a replicated array is not written by every replica), and the directory must be one that every
+  process sees.
 - **Resharding**: :meth:`Checkpoints.restore` reads the arrays straight into the shardings of
   the template state it is given, so a state written by one process on one device resumes on
   any number of processes and devices.
