@@ -44,9 +44,10 @@ def _random(key: int, shape: tuple[int, ...], low: float = -1.0, high: float = 1
 def _conv_case(implementation: str):
   x, kernel = _random(0, (2, 6, 5, 4)), _random(1, (3, 3, 2, 6))
   offsets, mask = _random(2, (2, 4, 3, 2 * 9 * 2), -1.5, 1.5), _random(3, (2, 4, 3, 2 * 9), 0, 1)
-  return (lambda x, offsets, kernel, mask: flaxdcn.deform_conv2d(
+  op = lambda x, offsets, kernel, mask: flaxdcn.deform_conv2d(
       x, offsets, kernel, mask, feature_group_count=2, offset_group_count=2,
-      implementation=implementation)), (x, offsets, kernel, mask)
+      implementation=implementation)
+  return op, (x, offsets, kernel, mask)
 
 
 def _roi_case(implementation: str):
@@ -68,17 +69,18 @@ def _roi_case(implementation: str):
 def _dcnv3_case(implementation: str):
   x = _random(9, (2, 6, 5, 4))
   offsets, mask = _random(10, (2, 6, 5, 2 * 9 * 2), -1.5, 1.5), _random(11, (2, 6, 5, 2 * 9), 0, 1)
-  return (lambda x, offsets, mask: flaxdcn.dcnv3(
+  op = lambda x, offsets, mask: flaxdcn.dcnv3(
       x, offsets, mask, kernel_size=3, padding=1, group_count=2, offset_scale=0.5,
-      implementation=implementation)), (x, offsets, mask)
+      implementation=implementation)
+  return op, (x, offsets, mask)
 
 
 def _dcnv4_case(implementation: str):
   x = _random(12, (2, 6, 5, 4))
   offset_mask = _random(13, (2, 6, 5, 56), -1.5, 1.5)   # G = 2, P = 9: 54 channels, padded to 56
-  return (lambda x, offset_mask: flaxdcn.dcnv4(
-      x, offset_mask, kernel_size=3, padding=1, group_count=2, implementation=implementation)
-          ), (x, offset_mask)
+  op = lambda x, offset_mask: flaxdcn.dcnv4(x, offset_mask, kernel_size=3, padding=1,
+                                            group_count=2, implementation=implementation)
+  return op, (x, offset_mask)
 
 
 def _msda_case(implementation: str):
@@ -86,8 +88,9 @@ def _msda_case(implementation: str):
   value = _random(14, (2, 26, 2, 3))
   locations = _random(15, (2, 4, 2, 2, 3, 2), -0.1, 1.1)
   weights = _random(16, (2, 4, 2, 2, 3), 0, 1)
-  return (lambda value, locations, weights: flaxdcn.ms_deform_attn(
-      value, shapes, locations, weights, implementation=implementation)), (value, locations, weights)
+  op = lambda value, locations, weights: flaxdcn.ms_deform_attn(
+      value, shapes, locations, weights, implementation=implementation)
+  return op, (value, locations, weights)
 
 
 #: The public op (``_Op.name``) -> ``implementation -> (function, float32 operands)``; the
