@@ -1,6 +1,8 @@
 """Tests of the ResNet-DCN example (examples/resnet_dcn): data, models, and a smoke run."""
 
+import dataclasses
 import functools
+import itertools
 import json
 import os
 import pathlib
@@ -23,9 +25,17 @@ sys.path.insert(0, str(EXAMPLE_DIR))
 figures = pytest.importorskip("figures", reason="the examples extra (matplotlib) is missing")
 input_pipeline = pytest.importorskip("input_pipeline")
 models = pytest.importorskip("models")
+checkpoints = pytest.importorskip("checkpoints",
+                                  reason="the examples extra (orbax-checkpoint) is missing")
 train = pytest.importorskip("train", reason="the examples extra (optax, tqdm) is missing")
 
 CANVAS = input_pipeline.CANVAS_SIZE
+
+
+def _saved(workdir, name):
+  """The steps of model ``name``'s checkpoints, and the latest one's metadata."""
+  with checkpoints.Checkpoints(train.run_dir(workdir, name)) as saved:
+    return saved.steps(), saved.read_meta()
 
 
 def _flat_shapes(tree):
@@ -291,7 +301,7 @@ def test_smoke_train_resume_and_artefacts(tmp_path, capsys):
       assert key in r
     assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["shifted_test_accuracy"] <= 1.0
     assert len(r["history"]) == 1 and r["steps_per_epoch"] == 2
-    assert (tmp_path / "run" / name / "checkpoint.msgpack").is_file()
+    assert _saved(workdir, name)[0] == [2]   # after epoch 1 (2 steps)
   assert saved["dcn"]["num_params"] > saved["baseline"]["num_params"]
   assert results["dcn"]["test_accuracy"] == saved["dcn"]["test_accuracy"]
   for png in ("curves.png", "offsets.png", "erf.png"):
@@ -309,14 +319,70 @@ def test_smoke_train_resume_and_artefacts(tmp_path, capsys):
   assert resumed["dcn"]["history"][0] == saved["dcn"]["history"][0]
   assert [r["epoch"] for r in resumed["dcn"]["history"]] == [1, 2]
   assert "baseline" not in resumed   # dropped from the table: trained for 1 epoch, not 2
-  state, epoch, meta = train.read_checkpoint(train.checkpoint_path(workdir, "dcn"))
-  assert epoch == 2 and int(state["step"]) == 4 and len(meta["history"]) == 2
-  assert "conv_offset" in state["params"]["ResNetBlock_2"]["conv1"]
+  steps, meta = _saved(workdir, "dcn")
+  assert steps == [2, 4]
+  assert meta["epoch"] == 2 and len(meta["history"]) == 2
+  config = train.parse_args(SMOKE[2:] + ["--epochs", "2", "--model", "dcn", "--workdir", workdir])
+  _, variables = train.restore_variables("dcn", config)
+  assert "conv_offset" in variables["params"]["ResNetBlock_2"]["conv1"]
 
   # A checkpoint written under another training setup is not resumed.
   with pytest.raises(ValueError, match="written with"):
     train.main(SMOKE[2:] + ["--epochs", "2", "--model", "dcn", "--seed", "1", "--resume",
                             "--workdir", workdir])
+
+
+class Stop(Exception):
+  """A stop in the middle of training (a killed process, a preempted host)."""
+
+
+def _stop_at_step(steps):
+  """A ``Trainer.__init__`` whose trainer raises :class:`Stop` instead of its step ``steps + 1``."""
+  init = train.Trainer.__init__
+
+  def stopping_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    step, calls = self.train_step, itertools.count()
+
+    def train_step(*step_args):
+      if next(calls) == steps:
+        raise Stop
+      return step(*step_args)
+
+    self.train_step = train_step
+
+  return stopping_init
+
+
+def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+  """Stopped after 3 of 4 steps, a run resumes from its last checkpoint (epoch 1, step 2) and ends
+  bit for bit where the uninterrupted run ends: the same train state, the same history."""
+  args = SMOKE[2:] + ["--epochs", "2", "--model", "dcn"]
+  full = train.parse_args(args + ["--workdir", str(tmp_path / "full")])
+  data = train.load_data(full)
+  expected, expected_state, _ = train.train_and_evaluate("dcn", full, data)
+  assert _saved(full.workdir, "dcn")[0] == [2, 4]
+
+  stopped = dataclasses.replace(full, workdir=str(tmp_path / "stopped"))
+  with monkeypatch.context() as patch:
+    patch.setattr(train.Trainer, "__init__", _stop_at_step(3))
+    with pytest.raises(Stop):
+      train.train_and_evaluate("dcn", stopped, data)
+  assert _saved(stopped.workdir, "dcn")[0] == [2]   # step 3 was lost with the stop
+
+  result, state, _ = train.train_and_evaluate("dcn", dataclasses.replace(stopped, resume=True),
+                                              data)
+  assert _saved(stopped.workdir, "dcn")[0] == [2, 4]
+  assert int(state.step) == 4
+  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state))
+  expected_leaves = jax.tree.leaves(jax.device_get(expected_state))
+  assert len(leaves) == len(expected_leaves)
+  for (path, leaf), expected_leaf in zip(leaves, expected_leaves):
+    np.testing.assert_array_equal(leaf, expected_leaf, err_msg=jax.tree_util.keystr(path))
+  without_time = lambda history: [{k: v for k, v in r.items() if k != "wall_time_s"}
+                                  for r in history]
+  assert without_time(result["history"]) == without_time(expected["history"])
+  assert result["test_accuracy"] == expected["test_accuracy"]
 
 
 def test_erf_radius_and_slope():

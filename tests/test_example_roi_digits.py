@@ -33,6 +33,8 @@ def _load_train():
   return module
 
 
+checkpoints = pytest.importorskip("checkpoints",
+                                  reason="the examples extra (orbax-checkpoint) is missing")
 train = _load_train()
 SIZE = canvases.CANVAS_SIZE
 
@@ -179,6 +181,12 @@ def test_figure_reads_the_predicted_offsets_and_mask():
 
 # --- the training entry point ---------------------------------------------------------------------
 
+def _saved(workdir, variant, seed):
+  """The steps of the checkpoints of ``variant`` with ``seed``, and the latest one's metadata."""
+  with checkpoints.Checkpoints(train.run_dir(workdir, variant, seed)) as saved:
+    return saved.steps(), saved.read_meta()
+
+
 SMOKE = ["--epochs", "1", "--steps", "1", "--batch-size", "4", "--train-size", "64",
          "--test-size", "16", "--eval-batch-size", "4", "--implementation", "xla"]
 
@@ -199,7 +207,7 @@ def test_smoke_train_resume_and_artefacts(tmp_path, capsys):
     assert r["steps_per_epoch"] == 1 and len(r["history"]) == 1
     assert ("train_mimic_loss" in r["history"][0]) == (variant == "mdpool+mimic")
     assert saved["summary"][variant]["seeds"] == [0]
-    assert (tmp_path / "run" / f"{variant}_seed0" / "checkpoint.msgpack").is_file()
+    assert _saved(workdir, variant, 0)[0] == [1]   # after epoch 1 (1 step)
   assert results["summary"] == saved["summary"]
   assert (tmp_path / "run" / "rois.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -212,5 +220,6 @@ def test_smoke_train_resume_and_artefacts(tmp_path, capsys):
   assert history[0] == saved["runs"]["align"]["0"]["history"][0]
   assert resumed["summary"]["align"]["seeds"] == [0, 1]
   assert "mdpool+mimic" not in resumed["runs"]     # trained for 1 epoch, not 2
-  state, epoch, _ = train.read_checkpoint(train.checkpoint_path(workdir, "align", 0))
-  assert epoch == 2 and int(state["step"]) == 2
+  steps, meta = _saved(workdir, "align", 0)
+  assert steps == [1, 2] and meta["epoch"] == 2 and meta["history"] == history
+  assert _saved(workdir, "align", 1)[0] == [1, 2]   # seed 1: a fresh run of 2 epochs

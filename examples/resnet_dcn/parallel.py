@@ -80,7 +80,8 @@ def global_batch(sharding: NamedSharding, rows: np.ndarray) -> jax.Array:
 
 
 def is_chief() -> bool:
-  """Whether this process writes the files (results, figures, checkpoints): process 0."""
+  """Whether this process writes the results and figures: process 0. (Every process takes part
+  in writing the checkpoints: see ``checkpoints``.)"""
   return jax.process_index() == 0
 
 

@@ -5,8 +5,9 @@ initial weights (for every parameter they share) and the same optimiser; they di
 convolution class of the last stage. Each is evaluated after every epoch on an in-distribution
 test set and on a *shifted* one, whose scales and rotations training never saw (see
 ``input_pipeline``). Outputs in ``--workdir``: ``results.json``, ``curves.png``, ``offsets.png``,
-``erf.png`` and one checkpoint per model (``--resume`` continues from it). With the process flags
-(see ``parallel``) several processes train one model together over all their devices.
+``erf.png`` and per model the Orbax checkpoints of its last epochs (see ``checkpoints``;
+``--resume`` continues from the latest). With the process flags (see ``parallel``) several
+processes train one model together over all their devices.
 
 Usage::
 
@@ -35,12 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
 from flax.training import train_state
 from tqdm import tqdm
 
 import flaxdcn
 
+import checkpoints
 import figures
 import input_pipeline
 import models
@@ -253,33 +254,9 @@ class Trainer:
     return {"loss": total["loss"] / total["count"], "accuracy": total["correct"] / total["count"]}
 
 
-def checkpoint_path(workdir: str | os.PathLike, name: str) -> pathlib.Path:
-  return pathlib.Path(workdir) / name / "checkpoint.msgpack"
-
-
-def save_checkpoint(path: pathlib.Path, state: TrainState, epoch: int, meta: dict[str, Any]):
-  """Writes the state after ``epoch`` epochs, with JSON metadata, atomically (a temp + rename).
-
-  Only process 0 writes (the state is replicated).
-  """
-  payload = {"state": serialization.to_state_dict(jax.device_get(state)), "epoch": epoch,
-             "meta": json.dumps(meta)}
-  if not parallel.is_chief():
-    return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_bytes(serialization.msgpack_serialize(payload))
-  os.replace(tmp, path)
-
-
-def read_checkpoint(path: pathlib.Path) -> tuple[dict[str, Any], int, dict[str, Any]]:
-  """The state (as a state dict), epoch count and metadata saved by :func:`save_checkpoint`.
-
-  ``flax.serialization.from_state_dict(template_state, state_dict)`` turns the state dict back
-  into a train state.
-  """
-  payload = serialization.msgpack_restore(path.read_bytes())
-  return payload["state"], int(payload["epoch"]), json.loads(payload["meta"])
+def run_dir(workdir: str | os.PathLike, name: str) -> pathlib.Path:
+  """The run directory of model ``name`` (its checkpoints are in ``checkpoints/`` below it)."""
+  return pathlib.Path(workdir) / name
 
 
 def conv_name(name: str, config: Config) -> str:
@@ -312,42 +289,35 @@ def train_and_evaluate(name: str, config: Config, data: Data
     raise ValueError(f"--batch-size {config.batch_size} is not divisible by the "
                      f"{jax.device_count()} devices.")
   meta = {"config": config.training_config(name), "steps_per_epoch": steps_per_epoch,
-          "history": [], "wall_time_s": 0.0}
-  path = checkpoint_path(config.workdir, name)
-  saved_state, start_epoch = None, 0
-  if config.resume and path.exists():
-    saved_state, start_epoch, saved = read_checkpoint(path)
-    for key in ("config", "steps_per_epoch"):
-      if saved[key] != meta[key]:
-        raise ValueError(f"{path} was written with {key}={saved[key]}, this run has "
-                         f"{meta[key]}; use another --workdir or drop --resume.")
-    meta = saved
-
+          "epoch": 0, "history": [], "wall_time_s": 0.0}
   model = create_model(name, config)
   trainer = Trainer(model, config, steps_per_epoch)
   init_key, data_key = jax.random.split(jax.random.key(config.seed))
   state = trainer.init_state(init_key)  # Same key for both models: shared parameters start equal.
-  if saved_state is not None:
-    state = serialization.from_state_dict(jax.device_get(state), saved_state)
-    state = jax.device_put(state, trainer.replicated)
-
-  start = time.perf_counter() - meta["wall_time_s"]
-  progress = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
-                  desc=f"{name:>8}", unit="step", dynamic_ncols=True, file=sys.stdout,
-                  disable=not parallel.is_chief())
-  with progress:
-    for epoch in range(start_epoch, config.epochs):
-      state, record = trainer.train_epoch(state, data, epoch, data_key, progress)
-      record["epoch"] = epoch + 1
-      for split in ("test", "shifted_test"):
-        metrics = trainer.evaluate(state, data.test_sets[split], data.test_labels)
-        record[f"{split}_loss"], record[f"{split}_accuracy"] = metrics["loss"], metrics["accuracy"]
-      record["wall_time_s"] = meta["wall_time_s"] = time.perf_counter() - start
-      meta["history"].append(record)
-      progress.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.3f}",
-                           test=f"{record['test_accuracy']:.1%}",
-                           shifted=f"{record['shifted_test_accuracy']:.1%}")
-      save_checkpoint(path, state, epoch + 1, meta)
+  with checkpoints.Checkpoints(run_dir(config.workdir, name)) as saved:
+    if config.resume and saved.latest_step() is not None:
+      saved.check_resumable(meta)
+      state, meta = saved.restore(state)   # into the shardings of this run's devices
+    else:
+      saved.clear()   # a fresh run: earlier checkpoints here would be taken for its own
+    start = time.perf_counter() - meta["wall_time_s"]
+    progress = tqdm(total=config.epochs * steps_per_epoch,
+                    initial=meta["epoch"] * steps_per_epoch, desc=f"{name:>8}", unit="step",
+                    dynamic_ncols=True, file=sys.stdout, disable=not parallel.is_chief())
+    with progress:
+      for epoch in range(meta["epoch"], config.epochs):
+        state, record = trainer.train_epoch(state, data, epoch, data_key, progress)
+        record["epoch"] = meta["epoch"] = epoch + 1
+        for split in ("test", "shifted_test"):
+          metrics = trainer.evaluate(state, data.test_sets[split], data.test_labels)
+          record[f"{split}_loss"] = metrics["loss"]
+          record[f"{split}_accuracy"] = metrics["accuracy"]
+        record["wall_time_s"] = meta["wall_time_s"] = time.perf_counter() - start
+        meta["history"].append(record)
+        progress.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.3f}",
+                             test=f"{record['test_accuracy']:.1%}",
+                             shifted=f"{record['shifted_test_accuracy']:.1%}")
+        saved.save(state, meta)   # written in the background while the next epoch trains
 
   if not meta["history"]:
     raise ValueError("No epoch was trained (--epochs 0).")
@@ -376,10 +346,17 @@ ERF_DIGITS = 64
 
 
 def restore_variables(name: str, config: Config) -> tuple[nn.Module, dict[str, Any]]:
-  """The model ``name`` and its variables from its checkpoint in ``config.workdir``."""
+  """The model ``name`` and its variables from its latest checkpoint in ``config.workdir``."""
   model = create_model(name, config)
-  state_dict, _, _ = read_checkpoint(checkpoint_path(config.workdir, name))
-  return model, {"params": state_dict["params"], "batch_stats": state_dict["batch_stats"]}
+  with checkpoints.Checkpoints(run_dir(config.workdir, name)) as saved:
+    trainer = Trainer(model, config, saved.read_meta()["steps_per_epoch"])
+    shapes = jax.eval_shape(partial(create_train_state, model=model, config=config,
+                                    learning_rate_fn=trainer.learning_rate_fn),
+                            jax.random.key(0))
+    template = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=trainer.replicated), shapes)
+    state, _ = saved.restore(template)
+  return model, jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:

@@ -6,8 +6,9 @@ DCNv2 (Zhu et al., 2019, Sec. 3.3). All variants of a seed see the same canvases
 order, start from the same weights for every parameter they share, and use the same optimiser
 and schedule. Each is evaluated on an in-distribution test set (boxes jittered as in training)
 and on a *misaligned* one (boxes shifted and scaled beyond the training jitter; see
-``canvases``). Outputs in ``--workdir``: ``results.json``, ``rois.png`` and one checkpoint per
-variant and seed (``--resume`` continues from it).
+``canvases``). Outputs in ``--workdir``: ``results.json``, ``rois.png`` and per variant and seed
+the Orbax checkpoints of its last epochs (``--resume`` continues from the latest; see
+``examples/resnet_dcn/checkpoints.py``).
 
 Usage::
 
@@ -34,13 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
 from flax.training import train_state
 from tqdm import tqdm
 
 import flaxdcn
 
 import canvases  # noqa: I001  (puts examples/resnet_dcn on the path)
+import checkpoints  # examples/resnet_dcn/checkpoints.py
 import detector
 import parallel  # examples/resnet_dcn/parallel.py
 import roi_figures
@@ -267,26 +268,9 @@ class Trainer:
     return correct / count
 
 
-def checkpoint_path(workdir: str | os.PathLike, variant: str, seed: int) -> pathlib.Path:
-  return pathlib.Path(workdir) / f"{variant}_seed{seed}" / "checkpoint.msgpack"
-
-
-def save_checkpoint(path: pathlib.Path, state: TrainState, epoch: int, meta: dict[str, Any]):
-  """Writes the state after ``epoch`` epochs with JSON metadata, atomically (process 0 only)."""
-  payload = {"state": serialization.to_state_dict(jax.device_get(state)), "epoch": epoch,
-             "meta": json.dumps(meta)}
-  if not parallel.is_chief():
-    return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_bytes(serialization.msgpack_serialize(payload))
-  os.replace(tmp, path)
-
-
-def read_checkpoint(path: pathlib.Path) -> tuple[dict[str, Any], int, dict[str, Any]]:
-  """The state (as a state dict), epoch count and metadata saved by :func:`save_checkpoint`."""
-  payload = serialization.msgpack_restore(path.read_bytes())
-  return payload["state"], int(payload["epoch"]), json.loads(payload["meta"])
+def run_dir(workdir: str | os.PathLike, variant: str, seed: int) -> pathlib.Path:
+  """The run directory of ``variant`` with ``seed`` (checkpoints in ``checkpoints/`` below it)."""
+  return pathlib.Path(workdir) / f"{variant}_seed{seed}"
 
 
 def count_params(params: Any) -> int:
@@ -313,40 +297,33 @@ def train_and_evaluate(trainer: Trainer, variant: str, seed: int, config: Config
   """
   steps_per_epoch = trainer.steps_per_epoch
   meta = {"config": config.training_config(variant, seed), "steps_per_epoch": steps_per_epoch,
-          "history": [], "wall_time_s": 0.0}
-  path = checkpoint_path(config.workdir, variant, seed)
-  saved_state, start_epoch = None, 0
-  if config.resume and path.exists():
-    saved_state, start_epoch, saved = read_checkpoint(path)
-    for key in ("config", "steps_per_epoch"):
-      if saved[key] != meta[key]:
-        raise ValueError(f"{path} was written with {key}={saved[key]}, this run has "
-                         f"{meta[key]}; use another --workdir or drop --resume.")
-    meta = saved
-
+          "epoch": 0, "history": [], "wall_time_s": 0.0}
   init_key, data_key = jax.random.split(jax.random.key(seed))
   state = trainer.init_state(init_key)   # Same key for every variant: shared parameters agree.
-  if saved_state is not None:
-    state = serialization.from_state_dict(jax.device_get(state), saved_state)
-    state = jax.device_put(state, trainer.replicated)
-
-  start = time.perf_counter() - meta["wall_time_s"]
-  progress = tqdm(total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
-                  desc=f"{variant:>13} s{seed}", unit="step", dynamic_ncols=True,
-                  file=sys.stdout, disable=not parallel.is_chief())
-  with progress:
-    for epoch in range(start_epoch, config.epochs):
-      state, record = trainer.train_epoch(state, data, seed, epoch, data_key, progress)
-      record["epoch"] = epoch + 1
-      record["validation_accuracy"] = trainer.evaluate(state, data.validation, "test")
-      record["validation_misaligned_accuracy"] = trainer.evaluate(state, data.validation,
-                                                                  "misaligned")
-      record["wall_time_s"] = meta["wall_time_s"] = time.perf_counter() - start
-      meta["history"].append(record)
-      progress.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.3f}",
-                           val=f"{record['validation_accuracy']:.1%}",
-                           val_misaligned=f"{record['validation_misaligned_accuracy']:.1%}")
-      save_checkpoint(path, state, epoch + 1, meta)
+  with checkpoints.Checkpoints(run_dir(config.workdir, variant, seed)) as saved:
+    if config.resume and saved.latest_step() is not None:
+      saved.check_resumable(meta)
+      state, meta = saved.restore(state)   # into the shardings of this run's devices
+    else:
+      saved.clear()   # a fresh run: earlier checkpoints here would be taken for its own
+    start = time.perf_counter() - meta["wall_time_s"]
+    progress = tqdm(total=config.epochs * steps_per_epoch,
+                    initial=meta["epoch"] * steps_per_epoch, desc=f"{variant:>13} s{seed}",
+                    unit="step", dynamic_ncols=True, file=sys.stdout,
+                    disable=not parallel.is_chief())
+    with progress:
+      for epoch in range(meta["epoch"], config.epochs):
+        state, record = trainer.train_epoch(state, data, seed, epoch, data_key, progress)
+        record["epoch"] = meta["epoch"] = epoch + 1
+        record["validation_accuracy"] = trainer.evaluate(state, data.validation, "test")
+        record["validation_misaligned_accuracy"] = trainer.evaluate(state, data.validation,
+                                                                    "misaligned")
+        record["wall_time_s"] = meta["wall_time_s"] = time.perf_counter() - start
+        meta["history"].append(record)
+        progress.set_postfix(epoch=epoch + 1, loss=f"{record['train_loss']:.3f}",
+                             val=f"{record['validation_accuracy']:.1%}",
+                             val_misaligned=f"{record['validation_misaligned_accuracy']:.1%}")
+        saved.save(state, meta)   # written in the background while the next epoch trains
 
   if not meta["history"]:
     raise ValueError("No epoch was trained (--epochs 0).")
