@@ -24,7 +24,8 @@ def msda_implementation(implementation):
   then raises)."""
   from flaxdcn.ops import ms_deform_attn  # pylint: disable=import-outside-toplevel
 
-  if implementation == "ffi" and ms_deform_attn._NATIVE_OP is None:  # pylint: disable=protected-access
+  native = ms_deform_attn._NATIVE_OP is not None  # pylint: disable=protected-access
+  if implementation == "ffi" and not native:
     pytest.skip("flaxdcn has no native ms_deform_attn kernels yet (implementation='ffi' raises: "
                 "test_ffi_without_native_kernels_raises)")
   return implementation

@@ -198,7 +198,8 @@ def test_errors():
     init(q, r, x[:, :40], SHAPES)
   with pytest.raises(ValueError, match=r"input_flatten has shape \(1, 42, 4\)"):
     init(q, r, x[..., :4], SHAPES)
-  with pytest.raises(ValueError, match=r"input_padding_mask has shape \(1, 41\), expected \[N, S\]"):
+  with pytest.raises(ValueError,
+                     match=r"input_padding_mask has shape \(1, 41\), expected \[N, S\]"):
     init(q, r, x, SHAPES, jnp.zeros((1, 41), bool))
   with pytest.raises(ValueError, match=r"query has shape \(2, 8\), expected \[N, Lq, C\]"):
     init(q[0], r, x, SHAPES)

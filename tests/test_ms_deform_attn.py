@@ -58,13 +58,15 @@ def _cotangent(case, seed):
 def _grads(case, implementation, args, cot, dtype):
   """jitted gradients of ``sum(out * cot)``, as a dict like :func:`reference_msda.vjp`'s."""
   fn = _op(case, implementation)
-  grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32 if dtype != jnp.float64
-                                                               else dtype) * cot),
-                          argnums=(0, 1, 2)))
-  return dict(zip(ARGS, grad(*_jnp(args, dtype))))
+  loss_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32  # half losses in float32
+
+  def loss(*a):
+    return jnp.sum(fn(*a).astype(loss_dtype) * cot)
+
+  return dict(zip(ARGS, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*_jnp(args, dtype))))
 
 
-# --- Forward and gradients against the reference --------------------------------------------------
+# --- Forward and gradients against the reference ------------------------------------------------
 
 @pytest.mark.parametrize("case", CASES)
 def test_matches_reference(case, msda_implementation):
