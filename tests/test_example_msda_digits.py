@@ -187,6 +187,20 @@ def test_msda_samples_around_the_reference_boxes():
   for level, (h, w) in enumerate(shapes):
     np.testing.assert_allclose(enc[0, 0, 0, level, 0], [0.5 / 12 + 1 / w, 0.5 / 12], rtol=1e-5)
 
+  # With trained (here: random) offset and weight layers, the first decoder layer still samples
+  # the same on every canvas (its queries have not seen the image), the second does not.
+  heads = ("sampling_offsets", "attention_weights")
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: (jax.random.normal(jax.random.key(len(path)), x.shape) * 0.1
+                       if len(path) > 1 and path[-2].key in heads else x),
+      variables["params"])
+  _, state = model.apply({"params": params}, images, mutable=["intermediates"])
+  for i, same in ((0, True), (1, False)):
+    sown = state["intermediates"][f"decoder_layer_{i}"]["cross_attn"]
+    for name in ("sampling_locations", "softmax_attention_weights"):
+      value = np.asarray(sown[name][0])
+      assert np.allclose(value[0], value[1]) == same, (i, name)
+
   samples = msda_figures.cross_attention_samples(model, variables["params"], images)
   assert len(samples["locations"]) == len(samples["weights"]) == 2
   np.testing.assert_allclose(samples["weights"][1].sum(axis=(2, 3, 4)), 1.0, rtol=1e-5)
@@ -267,7 +281,7 @@ SMOKE = ["--epochs", "1", "--steps", "2", "--batch-size", "4", "--train-size", "
          "--test-size", "16", "--eval-batch-size", "4", "--implementation", "xla"]
 KEYS = ("test_accuracy", "test_mean_iou", "test_detection_rate", "validation_accuracy",
         "validation_mean_iou", "num_params", "step_time_s", "train_step_memory",
-        "compile_time_s", "wall_time_s", "cpu_time_s", "history", "config")
+        "step_cpu_time_s", "compile_time_s", "wall_time_s", "cpu_time_s", "history", "config")
 
 
 def test_smoke_run_writes_sane_results_and_the_figure(tmp_path, capsys):
@@ -287,7 +301,8 @@ def test_smoke_run_writes_sane_results_and_the_figure(tmp_path, capsys):
     assert r["steps_per_epoch"] == 2 and len(r["history"]) == 1
     assert all(np.isfinite(v) for k, v in r["history"][0].items() if k.startswith("train_"))
     assert r["history"][0]["train_loss"] > 0
-    assert r["step_time_s"] > 0 and r["train_step_memory"]["temp_bytes"] > 0
+    assert r["step_time_s"] > 0 and r["step_cpu_time_s"] > 0
+    assert r["train_step_memory"]["temp_bytes"] > 0
     assert r["config"]["model"] == name and r["implementation"] == "xla"
     assert saved["summary"][name]["seeds"] == [0]
   on_digit = saved["runs"]["msda"]["0"]["test_attention_on_digit"]

@@ -28,7 +28,6 @@ import pathlib
 import sys
 import time
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -40,7 +39,7 @@ from flax.training import train_state
 from tqdm import tqdm
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parents[1] / "roi_digits"))
-import canvases  # noqa: E402,I001  (the RoI example's canvases; puts examples/resnet_dcn on the path)
+import canvases  # noqa: E402,I001  (the RoI example's; puts examples/resnet_dcn on the path)
 import models  # noqa: E402
 import msda_figures  # noqa: E402
 import parallel  # noqa: E402  (examples/resnet_dcn/parallel.py)
@@ -258,9 +257,9 @@ class Trainer:
 
   def train_epoch(self, state: TrainState, data: Data, seed: int, epoch: int,
                   data_key: jax.Array, progress: tqdm
-                  ) -> tuple[TrainState, dict[str, float], list[float]]:
+                  ) -> tuple[TrainState, dict[str, float], list[tuple[float, float]]]:
     """One pass over a fresh grouping of the training digits into canvases; also returns the
-    wall time of every step."""
+    wall time and the process's CPU time (all threads) of every step."""
     order = np.random.default_rng((seed, epoch)).permutation(len(data.train_labels))
     digits, labels = canvases.group_digits(data.train_digits, data.train_labels, order)
     batch_size = self.config.batch_size
@@ -269,11 +268,11 @@ class Trainer:
       rows = slice(step * batch_size, (step + 1) * batch_size)
       batch = (parallel.global_batch(self.batch_sharding, digits[rows]),
                parallel.global_batch(self.batch_sharding, labels[rows]))
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       state, metrics = self.step(state, *batch, data_key)
       # float() waits for the step: honest step times and progress.
       records.append({k: float(v) for k, v in metrics.items()})
-      times.append(time.perf_counter() - start)
+      times.append((time.perf_counter() - start, time.process_time() - cpu_start))
       progress.update()
       progress.set_postfix(epoch=epoch + 1, loss=f"{records[-1]['loss']:.3f}", refresh=False)
     mean = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
@@ -349,7 +348,7 @@ def train_and_evaluate(trainer: Trainer, name: str, seed: int, config: Config, d
   wall_time, cpu_time = time.perf_counter() - start, time.process_time() - cpu_start
   test = trainer.evaluate(state, data.test)
   # The first step after compilation warms caches and thread pools; the median ignores it too.
-  timed = step_times[1:] or step_times
+  timed = np.asarray(step_times[1:] or step_times)
   samples = None
   if MODELS[name] == "msda":
     samples = msda_figures.cross_attention_samples(trainer.model, jax.device_get(state.params),
@@ -362,7 +361,8 @@ def train_and_evaluate(trainer: Trainer, name: str, seed: int, config: Config, d
       "num_params": count_params(state.params),
       **({"test_attention_on_digit": msda_figures.attention_on_digits(samples, data.test["tight"])}
          if samples is not None else {}),
-      "step_time_s": float(np.median(timed)),
+      "step_time_s": float(np.median(timed[:, 0])),
+      "step_cpu_time_s": float(np.median(timed[:, 1])),
       "train_step_memory": trainer.memory(),
       "compile_time_s": trainer.compile_time_s,
       "wall_time_s": wall_time,
@@ -379,7 +379,7 @@ def train_and_evaluate(trainer: Trainer, name: str, seed: int, config: Config, d
 
 
 METRICS = ("test_accuracy", "test_mean_iou", "test_detection_rate", "validation_accuracy",
-           "validation_mean_iou", "step_time_s", "wall_time_s")
+           "validation_mean_iou", "step_time_s", "step_cpu_time_s", "wall_time_s")
 
 
 def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -400,14 +400,15 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def format_table(summary: dict[str, dict[str, Any]]) -> str:
-  """Test metrics (mean ± std over seeds), step time and temp memory per model."""
+  """Test metrics (mean ± std over seeds), step time (wall and CPU) and temp memory per model."""
   lines = [f"{'model':<10}{'seeds':>6}{'params':>9}{'accuracy':>15}{'mean IoU':>17}"
-           f"{'step':>9}{'temp MiB':>10}"]
+           f"{'step':>9}{'step CPU':>10}{'temp MiB':>10}"]
   for name, r in summary.items():
     acc = f"{100 * r['test_accuracy']:.1f} ± {100 * r['test_accuracy_std']:.1f}"
     iou = f"{r['test_mean_iou']:.3f} ± {r['test_mean_iou_std']:.3f}"
     lines.append(f"{name:<10}{len(r['seeds']):>6}{r['num_params']:>9,}{acc:>15}{iou:>17}"
-                 f"{1000 * r['step_time_s']:>7.0f}ms{r['temp_bytes'] / 2**20:>10.1f}")
+                 f"{1000 * r['step_time_s']:>7.0f}ms{1000 * r['step_cpu_time_s']:>8.0f}ms"
+                 f"{r['temp_bytes'] / 2**20:>10.1f}")
   return "\n".join(lines)
 
 
