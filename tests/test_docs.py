@@ -93,9 +93,9 @@ def test_performance_tables_are_consistent():
   """Every ``x base`` and ``x peer`` in the performance tables is its row's time over the time of
   its baseline (or torchvision's) row of the same shape and pass, within rounding."""
   tables = _plot_module().read_tables((DOCS / "performance.md").read_text(encoding="utf-8"))
-  assert set(tables) == {"perf-quiet", "perf-loaded", "perf-dcnv3"}
+  assert set(tables) == {"perf-quiet", "perf-loaded", "perf-dcnv3", "perf-msda"}
 
-  for key in ("perf-quiet", "perf-dcnv3"):
+  for key in ("perf-quiet", "perf-dcnv3", "perf-msda"):
     base = None
     for row in tables[key]:
       if row["impl"] not in ("ffi", "xla"):
