@@ -287,7 +287,7 @@ def _cpu_backward_grads():
 
 @pytest.mark.skipif(not _ffi.available("cpu") or not hasattr(os, "sched_setaffinity"),
                     reason="needs the native CPU kernels and sched_setaffinity")
-def test_cpu_backward_is_bitwise_independent_of_the_threads(tmp_path):
+def test_cpu_backward_is_deterministic_across_thread_counts(tmp_path):
   """The CPU backward partitions its scatter by (image, head, channel block), a split fixed by
   the shapes: the gradients computed by XLA's thread pool on one core equal, bit for bit, those
   computed here on every core."""

@@ -65,6 +65,7 @@ void MsDeformAttnCpu(const MsDeformAttnParams& p, const T* value, const AccType<
   // Channels summed in registers at once (a multiple of the SIMD width).
   constexpr int kChunk = 16;
   const int64_t d = p.head_channels;
+  if (d == 0) return;  // out is empty
   const std::vector<T> zeros(d, E::Store(A(0)));  // the zero padding
   // The valid reads of one (n, q, m): each sample's location and weights are formed once, then
   // applied to every channel.
