@@ -20,6 +20,7 @@ from jax.test_util import check_grads
 import flaxdcn
 from flaxdcn import _ffi
 import reference_msda as ref
+from cuda_testing import assert_same_on_gpu_and_cpu, on_device, requires_gpu
 from reference_msda import MsdaCase
 from tolerances import assert_close
 
@@ -477,3 +478,102 @@ def test_batch_sharded_jit(implementation):
   assert proc.returncode == 0, (
       f"msda_multidevice_script.py {implementation} failed (rc={proc.returncode}):\n"
       f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+# --- CUDA ----------------------------------------------------------------------------------------
+# Collected everywhere, skipped without a GPU; .ci/gpu-check runs every ``cuda`` test of tests/
+# (conftest.py runs their float32 matmuls at full precision). The ``compute_sanitizer`` tests are
+# the small subset it also runs under compute-sanitizer.
+
+cuda = pytest.mark.cuda
+GPU_DTYPES = [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.float16, id="f16"),
+              pytest.param(jnp.bfloat16, id="bf16")]
+#: The compute-sanitizer subset: the scalar kernels in float32 (D = 2) and the vector kernels in
+#: bfloat16 (D = 8).
+SANITIZER_CASES = [pytest.param(jnp.float32, CASES[0].values[0], id="f32-D2"),
+                   pytest.param(jnp.bfloat16, CASES[3].values[0], id="bf16-D8")]
+
+
+def _device_problem(case, dtype, seed, device, locations_dtype=None):
+  """``(value, sampling_locations, attention_weights)`` and an output cotangent on ``device``:
+  the locations in ``locations_dtype`` (default: the compute dtype of ``dtype``), the rest in
+  ``dtype``."""
+  args = ref.make_args(case, seed=seed)
+  if locations_dtype is None:
+    locations_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
+  value, weights, cot = on_device(device, args["value"], args["attention_weights"],
+                                  _cotangent(case, seed + 1), dtype=dtype)
+  (locations,) = on_device(device, args["sampling_locations"], dtype=locations_dtype)
+  return (value, locations, weights), cot
+
+
+def _vjp_program(case, implementation, deterministic):
+  """A jitted ``(*primals, cotangent) -> (out, grads)`` of ``flaxdcn.ms_deform_attn``."""
+  fn = _op(case, implementation, deterministic_backward=deterministic)
+
+  def run(*args):
+    out, vjp = jax.vjp(fn, *args[:-1])
+    return out, vjp(args[-1])
+  return jax.jit(run)
+
+
+def _assert_native_matches_xla(case, dtype, deterministic, primals, cot):
+  """The native forward and every gradient against the jnp path on the primals' device; a
+  deterministic backward is bitwise equal across two runs."""
+  native = _vjp_program(case, "ffi", deterministic)
+  out, grads = native(*primals, cot)
+  out_xla, grads_xla = _vjp_program(case, "xla", deterministic)(*primals, cot)
+  assert out.dtype == dtype
+  assert_close(out, out_xla, dtype, err_msg="output")
+  for name, g, g_xla, primal in zip(ARGS, grads, grads_xla, primals):
+    assert g.dtype == primal.dtype, name
+    assert_close(g, g_xla, dtype, err_msg=name)
+  if deterministic:
+    for name, a, b in zip(ARGS, grads, native(*primals, cot)[1]):
+      np.testing.assert_array_equal(a, b, err_msg=f"{name}, second run")
+
+
+@cuda
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_cuda_ms_deform_attn_matches_xla(case, dtype, deterministic):
+  """CUDA forward and gradients (atomic and fixed-point grad-value sums) against the jnp path on
+  the GPU; scalar (D = 1, 3, 5, 33) and vector (D = 8) kernels."""
+  primals, cot = _device_problem(case, dtype, 30, jax.devices("gpu")[0])
+  _assert_native_matches_xla(case, dtype, deterministic, primals, cot)
+
+
+@cuda
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_ms_deform_attn_non_finite_locations(deterministic):
+  """NaN, +-Inf and +-1e30 locations on the GPU: the jnp path's values and gradients, all
+  finite."""
+  case = MsdaCase(1, 5, 2, 4, ((5, 3), (2, 4), (1, 1)), 2)
+  primals, cot = _device_problem(case, jnp.float32, 32, jax.devices("cpu")[0])
+  locations = np.array(primals[1])
+  for q, m, lvl, p, axis, value in _BAD:
+    locations[0, q, m, lvl, p, axis] = value
+  gpu = jax.devices("gpu")[0]
+  primals = on_device(gpu, primals[0], locations, primals[2])
+  (cot,) = on_device(gpu, cot)
+  _assert_native_matches_xla(case, jnp.float32, deterministic, primals, cot)
+  _, grads = _vjp_program(case, "ffi", deterministic)(*primals, cot)
+  for name, g in zip(ARGS, grads):
+    assert np.all(np.isfinite(np.asarray(g))), name
+
+
+@cuda
+@pytest.mark.compute_sanitizer
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype, case", SANITIZER_CASES)
+def test_cuda_ms_deform_attn_separate_programs(dtype, case, deterministic):
+  """CUDA against the CPU kernels, forward and backward compiled as separate programs (whole
+  operand buffers for compute-sanitizer); the locations in ``dtype`` too, so that every
+  gradient has it."""
+  primals, cot = _device_problem(case, dtype, 34, jax.devices("cpu")[0], locations_dtype=dtype)
+  fn = _op(case, "ffi", deterministic_backward=deterministic)
+  assert_same_on_gpu_and_cpu(fn, primals, cot, dtype)
