@@ -174,16 +174,20 @@ bool Msda(int64_t shift) {
   for (int64_t i = 0; i < out.size; ++i) out.get()[i] = Make<T>(std::cos(0.3 * i));
   Buffer<T> grad_value(value.size), grad_weights(weights.size);
   Buffer<A> grad_locations(locations.size);
-  for (int64_t blocks : {1, 2}) {
-    Buffer<A> partial(p.samples() * blocks * 4);
+  for (int64_t blocks : {1, 2}) {  // one block: no stage 2
+    Buffer<A> partial(blocks > 1 ? p.samples() * blocks * 4 : 0);
     for (int64_t task = 0; task < p.batch * p.heads * blocks; ++task) {
       fd::MsDeformAttnBackwardValueCpu<T>(p, blocks, task, out.get(), value.get(),
                                           locations.get(), weights.get(), grad_value.get(),
-                                          partial.get());
+                                          blocks > 1 ? partial.get() : nullptr,
+                                          blocks > 1 ? nullptr : grad_locations.get(),
+                                          blocks > 1 ? nullptr : grad_weights.get());
     }
-    fd::MsDeformAttnBackwardSamplingCpu<T>(p, blocks, partial.get(), locations.get(),
-                                           weights.get(), grad_locations.get(),
-                                           grad_weights.get(), 0, p.batch * p.queries);
+    if (blocks > 1) {
+      fd::MsDeformAttnBackwardSamplingCpu<T>(p, blocks, partial.get(), locations.get(),
+                                             weights.get(), grad_locations.get(),
+                                             grad_weights.get(), 0, p.batch * p.queries);
+    }
   }
   // The forward after the backward, which used the out buffer as a cotangent.
   fd::MsDeformAttnCpu<T>(p, value.get(), locations.get(), weights.get(), out.get(), 0,

@@ -67,17 +67,15 @@ void RunMsDeformAttn(const Spec& spec) {
     using T = decltype(tag);
     using A = fd::AccType<T>;
     std::vector<T> out(n_out), grad_value(n_value), grad_weights(n_samples);
-    std::vector<A> grad_locations(2 * n_samples), partial(4 * n_samples);
+    std::vector<A> grad_locations(2 * n_samples);
     const A* loc = As<A>(locations);
     fd::MsDeformAttnCpu<T>(p, As<T>(value), loc, As<T>(weights), out.data(), 0,
                            p.batch * p.queries);
-    for (int64_t task = 0; task < p.batch * p.heads; ++task) {
+    for (int64_t task = 0; task < p.batch * p.heads; ++task) {  // one channel block
       fd::MsDeformAttnBackwardValueCpu<T>(p, 1, task, As<T>(cotangent), As<T>(value), loc,
-                                          As<T>(weights), grad_value.data(), partial.data());
+                                          As<T>(weights), grad_value.data(), nullptr,
+                                          grad_locations.data(), grad_weights.data());
     }
-    fd::MsDeformAttnBackwardSamplingCpu<T>(p, 1, partial.data(), loc, As<T>(weights),
-                                           grad_locations.data(), grad_weights.data(), 0,
-                                           p.batch * p.queries);
     WriteArray(spec, "cpu_out", out.data(), n_out * es);
     WriteArray(spec, "cpu_grad_value", grad_value.data(), n_value * es);
     WriteArray(spec, "cpu_grad_locations", grad_locations.data(), 2 * n_samples * as);

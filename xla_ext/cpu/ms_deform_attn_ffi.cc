@@ -47,14 +47,22 @@ ffi::Error RunMsDeformAttnBackward(ffi::ThreadPool& pool, const char* op, Elemen
     // The (image, head, channel block) partition of stage 1: each task owns a disjoint region of
     // grad_value, so the scatter needs no atomics and sums in one fixed order.
     const int64_t blocks = BackwardChannelBlocks(p.head_channels, p.batch * p.heads);
+    const int64_t tasks = p.batch * p.heads * blocks;
+    if (blocks == 1) {  // each task also finishes the sampling gradients of its samples
+      return ParallelFor::Run(pool, tasks, [&](int64_t task) {
+        MsDeformAttnBackwardValueCpu<T>(p, 1, task, As<T>(grad_out), As<T>(value),
+                                        As<A>(locations), As<T>(weights), As<T>(grad_value),
+                                        nullptr, As<A>(grad_locations), As<T>(grad_weights));
+      });
+    }
     // Every entry is written by stage 1 before stage 2 reads it.
     std::unique_ptr<A[]> partial(new A[p.samples() * blocks * 4]);
-    return ParallelFor::Run(pool, p.batch * p.heads * blocks,
+    return ParallelFor::Run(pool, tasks,
                             [&](int64_t task) {
                               MsDeformAttnBackwardValueCpu<T>(
                                   p, blocks, task, As<T>(grad_out), As<T>(value),
                                   As<A>(locations), As<T>(weights), As<T>(grad_value),
-                                  partial.get());
+                                  partial.get(), nullptr, nullptr);
                             }) &&
            ParallelRanges(pool, p.batch * p.queries, [&](int64_t begin, int64_t end) {
              MsDeformAttnBackwardSamplingCpu<T>(p, blocks, partial.get(), As<A>(locations),

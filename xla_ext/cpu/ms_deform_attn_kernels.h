@@ -22,16 +22,19 @@ void MsDeformAttnCpu(const MsDeformAttnParams& p, const T* value, const AccType<
 
 // Backward, stage 1 of 2, task `task` of the partition (image n, head m, channel block b) with
 // `blocks` blocks per head (parallel.h's BackwardChannelBlocks): writes grad-value for the block's
-// channels of image n and head m (the region is fully overwritten) and, for each sample of (n, m),
-// the block's four channel reductions <grad_out, value corner q> into
-// partial[(sample * blocks + b) * 4 + q].
+// channels of image n and head m (the region is fully overwritten). With one block the task has
+// every channel of its samples and writes their grad-locations and grad-weights itself (`partial`
+// is unused, and there is no stage 2); otherwise it writes each sample's block of the four
+// channel reductions <grad_out, value corner q> into partial[(sample * blocks + b) * 4 + q].
 template <typename T>
 void MsDeformAttnBackwardValueCpu(const MsDeformAttnParams& p, int64_t blocks, int64_t task,
                                   const T* grad_out, const T* value, const AccType<T>* locations,
-                                  const T* weights, T* grad_value, AccType<T>* partial);
+                                  const T* weights, T* grad_value, AccType<T>* partial,
+                                  AccType<T>* grad_locations, T* grad_weights);
 
-// Backward, stage 2 of 2: grad-locations and grad-weights of the samples of the (image, query)
-// rows [begin, end), summing the blocks' partials in block order.
+// Backward, stage 2 of 2 (blocks > 1): grad-locations and grad-weights of the samples of the
+// (image, query) rows [begin, end), summing the blocks' partials in block order (the sums of one
+// block are those stage 1 forms itself).
 template <typename T>
 void MsDeformAttnBackwardSamplingCpu(const MsDeformAttnParams& p, int64_t blocks,
                                      const AccType<T>* partial, const AccType<T>* locations,
