@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -40,7 +41,7 @@ from jax.extend.mlir import ir
 from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flaxdcn._geometry import ConvGeometry, RoIPoolGeometry, compute_dtype
+from flaxdcn._geometry import ConvGeometry, MsDeformAttnGeometry, RoIPoolGeometry, compute_dtype
 
 try:
   from flaxdcn import _native
@@ -196,6 +197,22 @@ def _dcnv3_abstract(inputs, *sampling, geometry):
   return _out_aval(inputs, (inputs.shape[0], *geometry.conv.out_size, inputs.shape[-1]))
 
 
+#: The most levels the native ``ms_deform_attn`` kernels take (``kMsDeformAttnMaxLevels`` in
+#: ``xla_ext/common/ms_deform_attn.h``).
+MSDA_MAX_LEVELS = 16
+
+
+def _msda_attributes(geometry: MsDeformAttnGeometry) -> dict[str, Any]:
+  """The levels' ``(H_l, W_l)`` as one int64 array ``[2 L]``; the kernels derive the starts."""
+  return dict(spatial_shapes=np.asarray(geometry.spatial_shapes, np.int64).reshape(-1))
+
+
+def _msda_abstract(value, locations, weights, geometry):
+  """``[N, Lq, M, D]`` in the dtype of ``value``."""
+  del weights, geometry
+  return _out_aval(value, (value.shape[0], locations.shape[1], *value.shape[2:]))
+
+
 _IM2COL = _Op(  # inputs [N, H, W, C], offsets, mask (or [.., 0]) -> columns [N, Ho, Wo, K, C]
     "deform_conv2d", "flaxdcn_deform_im2col", _conv_attributes, optional=(2,),
     abstract=lambda x, offsets, mask, geometry: _out_aval(
@@ -208,8 +225,10 @@ _ROI_POOL_IMAGES = _Op(  # features [N, H, W, C], rois [N, Ri, 4], offsets [N, R
     nondiff=(1,), optional=(2,), handler="flaxdcn_deform_roi_pool")
 _DCNV3 = _Op("dcnv3", "flaxdcn_dcnv3", _dcnv3_attributes, _dcnv3_abstract)
 _DCNV4 = _Op("dcnv4", "flaxdcn_dcnv4", _dcnv3_attributes, _dcnv3_abstract)
+_MSDA = _Op(  # value [N, S, M, D], locations [N, Lq, M, L, P, 2], weights -> [N, Lq, M, D]
+    "ms_deform_attn", "flaxdcn_ms_deform_attn", _msda_attributes, _msda_abstract)
 
-_OPS = (_IM2COL, _ROI_POOL, _ROI_POOL_IMAGES, _DCNV3, _DCNV4)
+_OPS = (_IM2COL, _ROI_POOL, _ROI_POOL_IMAGES, _DCNV3, _DCNV4, _MSDA)
 
 
 # --- Registration --------------------------------------------------------------------------------
@@ -365,11 +384,11 @@ def _lowers_natively(ctx, op: _Op, platform: str | None, fallback: Callable | No
 def _batch_sharding_rule(ctx):
   """``sdy.sharding_rule`` with one factor shared by the leading (batch) dimension of every operand
   and result, and every other dimension a factor of its own that must stay replicated."""
-  letters = iter("abcdefghijklmopqrstuvwxyz")  # "n" is the batch factor
+  names = (f"d{i}" for i in itertools.count())  # "n" is the batch factor
   others: list[str] = []
 
   def mapping(aval):
-    dims = [next(letters) for _ in aval.shape[1:]]
+    dims = [next(names) for _ in aval.shape[1:]]
     others.extend(dims)
     return " ".join(["n", *dims])
 
@@ -573,4 +592,34 @@ def dcnv4(inputs: jax.Array, offset_mask: jax.Array, geometry, *, deterministic_
   """DCNv4 by the fused native kernels: :func:`dcnv3` with ``offset_mask [N, Ho, Wo, D]`` (its
   padding channels get zero gradient)."""
   return _call(_DCNV4, inputs, offset_mask, geometry=geometry,
+               deterministic_backward=deterministic_backward, fallback=fallback)
+
+
+def ms_deform_attn(value: jax.Array, sampling_locations: jax.Array, attention_weights: jax.Array,
+                   geometry: MsDeformAttnGeometry, *, deterministic_backward: bool,
+                   fallback: Callable | None) -> jax.Array:
+  """Multi-scale deformable attention by the fused native kernels (arguments already checked).
+
+  Args:
+    value: ``[N, S, M, D]`` in a floating dtype ``T``.
+    sampling_locations: ``[N, Lq, M, L, P, 2]`` ``(x, y)`` in the compute dtype of ``T``
+      (float64 for float64, else float32).
+    attention_weights: ``[N, Lq, M, L, P]`` in ``T``.
+    geometry: the static :class:`~flaxdcn._geometry.MsDeformAttnGeometry`; at most
+      ``MSDA_MAX_LEVELS`` levels (the kernels carry the level table by value).
+    deterministic_backward, fallback: as in :func:`_call`.
+
+  Returns:
+    ``[N, Lq, M, D]`` in ``T``; differentiable in all three arguments.
+
+  Raises:
+    ValueError: more than ``MSDA_MAX_LEVELS`` levels with ``fallback`` None (with a fallback,
+      such a call runs the fallback).
+  """
+  if geometry.num_levels > MSDA_MAX_LEVELS:
+    if fallback is None:
+      raise ValueError(f"ms_deform_attn: the native kernels take at most {MSDA_MAX_LEVELS} "
+                       f"levels, got {geometry.num_levels}; use implementation=None or 'xla'.")
+    return fallback(value, sampling_locations, attention_weights, geometry)
+  return _call(_MSDA, value, sampling_locations, attention_weights, geometry=geometry,
                deterministic_backward=deterministic_backward, fallback=fallback)

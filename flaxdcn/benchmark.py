@@ -294,21 +294,15 @@ def _msda_inputs(shape: MsdaShape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return value, locations, weights
 
 
-def msda_native_available() -> bool:
-  """Whether :mod:`flaxdcn._ffi` has the native ``ms_deform_attn`` op."""
-  return getattr(_ffi, "ms_deform_attn", None) is not None
-
-
 def _msda_cases(shape: MsdaShape, dtype_name: str, impls: Sequence[str]) -> list[Case]:
-  """``ms_deform_attn`` by each implementation (native only where its kernels are built),
-  measured against the pure-jnp one."""
+  """``ms_deform_attn`` by each implementation, measured against the pure-jnp one."""
   dtype = DTYPES[dtype_name]
   value, locations, weights = _msda_inputs(shape)
   args = (jnp.asarray(value, dtype), jnp.asarray(locations), jnp.asarray(weights, dtype))
   baseline = "ms_deform_attn/xla"
   cases = []
-  for impl in ("xla", "ffi"):
-    if impl not in impls or (impl == "ffi" and not msda_native_available()):
+  for impl in impls:
+    if impl == "torchvision":
       continue
 
     def attn(value, locations, weights, impl=impl):

@@ -19,20 +19,6 @@ def implementation(request):
   return request.param
 
 
-@pytest.fixture
-def msda_implementation(implementation):
-  """``implementation`` for ``ms_deform_attn`` and its modules: ``"ffi"`` is skipped while
-  flaxdcn has no native ``ms_deform_attn`` kernels (tests/test_ms_deform_attn.py checks that it
-  then raises)."""
-  from flaxdcn.ops import ms_deform_attn  # pylint: disable=import-outside-toplevel
-
-  native = ms_deform_attn._NATIVE_OP is not None  # pylint: disable=protected-access
-  if implementation == "ffi" and not native:
-    pytest.skip("flaxdcn has no native ms_deform_attn kernels yet (implementation='ffi' raises: "
-                "test_ffi_without_native_kernels_raises)")
-  return implementation
-
-
 @pytest.fixture(autouse=True)
 def _cuda_tests_at_full_float32(request):
   """``cuda`` tests compare float32 results at float32 tolerances; on a GPU JAX's default float32

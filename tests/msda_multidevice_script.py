@@ -2,11 +2,11 @@
 subprocess by tests/test_ms_deform_attn.py (the device count must be fixed before jax
 initialises).
 
-Usage: ``python tests/msda_multidevice_script.py IMPLEMENTATION``. Exits non-zero (an
-AssertionError with a message) on the first failed check: batch-sharded ``jit`` (every argument
-sharded with ``NamedSharding(P('batch'))``) has no ``all-gather`` in the compiled HLO of the
-forward or of ``jax.grad``, keeps the output and the gradients batch-sharded and equals the
-unsharded values; the same under explicit sharding; and a training-step gradient of the linen
+Usage: ``python tests/msda_multidevice_script.py IMPLEMENTATION`` (``xla`` or ``ffi``). Exits
+non-zero (an AssertionError with a message) on the first failed check: batch-sharded ``jit``
+(every argument sharded with ``NamedSharding(P('batch'))``) has no ``all-gather`` in the compiled
+HLO of the forward or of ``jax.grad`` (``ffi``: which call the native targets), keeps the output
+and the gradients batch-sharded and equals the unsharded values; the same under explicit sharding; and a training-step gradient of the linen
 module with a batch-sharded input and replicated parameters has no all-gather either.
 """
 
@@ -33,11 +33,15 @@ DEVICES = 8
 CASE = MsdaCase(2 * DEVICES, 6, 2, 4, ((5, 3), (2, 2), (1, 1)), 2)
 
 
-def _no_all_gather(name, fn, args):
+def _no_all_gather(name, fn, args, targets=()):
+  """The compiled program of ``fn(*args)`` has no all-gather, and calls every custom call target
+  of ``targets`` (the native kernels, each device on its own shard)."""
   hlo = fn.lower(*args).compile().as_text()
   assert "all-gather" not in hlo, (
       f"{name}: the batch-sharded program all-gathers:\n"
       + "\n".join(line for line in hlo.splitlines() if "all-gather" in line)[:4000])
+  for target in targets:
+    assert f'custom_call_target="{target}"' in hlo, f"{name}: no custom call {target}"
 
 
 def check_op(implementation):
@@ -55,8 +59,11 @@ def check_op(implementation):
   mesh = Mesh(np.array(jax.devices()), ("batch",))
   batch = NamedSharding(mesh, P("batch"))
   sharded = [jax.device_put(a, batch) for a in args]
-  for what, fn in (("forward", fwd_jit), ("grad", grad_jit)):
-    _no_all_gather(f"ms_deform_attn {implementation} {what}", fn, sharded)
+  native = implementation == "ffi"
+  for what, fn, targets in (("forward", fwd_jit, ["flaxdcn_ms_deform_attn"]),
+                            ("grad", grad_jit, ["flaxdcn_ms_deform_attn_bwd"])):
+    _no_all_gather(f"ms_deform_attn {implementation} {what}", fn, sharded,
+                   targets if native else ())
   out = fwd_jit(*sharded)
   assert out.sharding.is_equivalent_to(batch, out.ndim), f"output {out.sharding}"
   assert_close(out, expected_out, jnp.float32, err_msg="sharded forward")
@@ -97,7 +104,8 @@ def check_module(implementation):
   mesh = Mesh(np.array(jax.devices()), ("batch",))
   sharded = [jax.device_put(a, NamedSharding(mesh, P("batch"))) for a in batch_args]
   replicated = jax.device_put(params, NamedSharding(mesh, P()))
-  _no_all_gather(f"MSDeformAttn {implementation} grad", grad, (replicated, *sharded))
+  _no_all_gather(f"MSDeformAttn {implementation} grad", grad, (replicated, *sharded),
+                 ["flaxdcn_ms_deform_attn_bwd"] if implementation == "ffi" else ())
   got = grad(replicated, *sharded)
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     assert_close(g, e, jnp.float32, err_msg="module grad")

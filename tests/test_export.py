@@ -41,7 +41,6 @@ from flax import nnx
 import flaxdcn
 import flaxdcn.nnx
 from flaxdcn import _ffi
-from flaxdcn.ops import ms_deform_attn as msda_module
 from tolerances import assert_close
 
 SCRIPT = pathlib.Path(__file__).resolve().parent / "export_script.py"
@@ -49,10 +48,9 @@ SCRIPT = pathlib.Path(__file__).resolve().parent / "export_script.py"
 TIMEOUT_S = 600
 
 #: The op families with native kernels in this flaxdcn (``"ffi"`` applies to them). Deformable
-#: Kernels never have any; multi-scale deformable attention has them once ``_ffi`` defines them.
-_MSDA_NATIVE = msda_module._NATIVE_OP is not None  # pylint: disable=protected-access
-NATIVE_FAMILIES = ({"deform_conv2d", "deform_roi_pool", "dcnv3", "dcnv4"} | (
-    {"ms_deform_attn"} if _MSDA_NATIVE else set())) if _ffi.available("cpu") else set()
+#: Kernels never have any.
+NATIVE_FAMILIES = ({"deform_conv2d", "deform_roi_pool", "dcnv3", "dcnv4", "ms_deform_attn"}
+                   if _ffi.available("cpu") else set())
 #: The platforms a native export is checked for: those this build has kernels for.
 NATIVE_PLATFORMS = ("cpu", "cuda") if _ffi.available("cuda") else ("cpu",)
 

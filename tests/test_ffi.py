@@ -20,7 +20,7 @@ import pytest
 
 import flaxdcn
 from flaxdcn import _ffi
-from flaxdcn._geometry import ConvGeometry, Dcnv3Geometry, RoIPoolGeometry
+from flaxdcn._geometry import ConvGeometry, Dcnv3Geometry, MsDeformAttnGeometry, RoIPoolGeometry
 from flaxdcn.ops import _xla_conv
 from flaxdcn.ops import _xla_roi_pool
 from cuda_testing import (assert_same_on_gpu_and_cpu, on_device, requires_gpu, torch_full_float32,
@@ -618,6 +618,10 @@ def table_case(op, lead, seed=20):
     index = jnp.broadcast_to(jnp.asarray([[0.0], [1.0], [2.0]]), (*lead, 3, 1))
     rows = jnp.concatenate([index, boxes[..., 0, :, :]], axis=-1)
     return geometry, [features, rows, offsets[..., 0, :, :, :, :]]
+  if op.target == "flaxdcn_ms_deform_attn":
+    geometry = MsDeformAttnGeometry(((3, 4), (2, 1)))
+    locations = jnp.asarray(rng.uniform(-0.1, 1.1, size=(*lead, 2, 5, 2, 2, 3, 2)), jnp.float32)
+    return geometry, [normal(2, 14, 2, 3), locations, normal(2, 5, 2, 2, 3)]
   assert op.target in ("flaxdcn_dcnv3", "flaxdcn_dcnv4"), f"no case for the row {op.target}"
   geometry = Dcnv3Geometry(ConvGeometry.create((5, 5), (3, 3), (1, 1), 1, (1, 1), 2, fn="test"),
                            0.8, True)

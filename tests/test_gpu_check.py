@@ -323,7 +323,7 @@ def test_every_step_passes(run):
             for c in r.calls_of("python -m flaxdcn.benchmark")]
   assert groups[:4] == [("G1", "float32"), ("G1g4", "float32"), ("P1", "float32"),
                         ("G1", "bfloat16")], groups
-  assert len(groups) == 10, groups
+  assert len(groups) == 11, groups
   rows = json.loads((r.out / "benchmark.json").read_text())["rows"]
   assert len(rows) == 2 * len(groups)
   # What comes back: six files, the report among them.
@@ -556,7 +556,8 @@ def test_benchmark_groups_are_benchmark_shapes():
   groups = [g for line in re.findall(r"^(?:default|extra)_groups=\((.*)\)$", script, re.M)
             for g in re.findall(r'"([^"]+)"', line)]
   assert groups[:4] == ["G1 float32", "G1g4 float32", "P1 float32", "G1 bfloat16"]
-  shapes = {**benchmark.SHAPES, **benchmark.ROI_SHAPES, **benchmark.DCNV3_SHAPES}
+  shapes = {**benchmark.SHAPES, **benchmark.ROI_SHAPES, **benchmark.DCNV3_SHAPES,
+            **benchmark.MSDA_SHAPES}
   for group in groups:
     shape, dtype = group.split()
     assert shape in shapes and dtype in benchmark.DTYPES, group

@@ -89,9 +89,9 @@ def _layer_and_params(kwargs, c, seed, implementation=None):
 
 
 @pytest.mark.parametrize("kwargs, ref_dim, mask", CONFIGS)
-def test_matches_numpy_composition(kwargs, ref_dim, mask, msda_implementation):
+def test_matches_numpy_composition(kwargs, ref_dim, mask, implementation):
   c = 6 * kwargs["num_heads"]
-  layer, params = _layer_and_params(kwargs, c, seed=1, implementation=msda_implementation)
+  layer, params = _layer_and_params(kwargs, c, seed=1, implementation=implementation)
   query, reference, inputs, padding = _inputs(2, 4, c, SHAPES, ref_dim, 2, mask=mask)
   expected, locations, weights = numpy_msda(_np(params), query, reference, inputs, SHAPES,
                                             padding, kwargs["num_heads"], kwargs["num_points"])
@@ -106,10 +106,10 @@ def test_matches_numpy_composition(kwargs, ref_dim, mask, msda_implementation):
   assert_close(sown["softmax_attention_weights"][0], weights, jnp.float32)
 
 
-def test_padding_mask_hides_the_padded_values(msda_implementation):
+def test_padding_mask_hides_the_padded_values(implementation):
   """Values at padding positions never reach the output (nor get gradient)."""
   kwargs = dict(num_heads=2, num_levels=3, num_points=2)
-  layer, params = _layer_and_params(kwargs, 8, seed=3, implementation=msda_implementation)
+  layer, params = _layer_and_params(kwargs, 8, seed=3, implementation=implementation)
   query, reference, inputs, padding = _inputs(2, 4, 8, SHAPES, 2, 4, mask=True)
   assert padding.any() and not padding.all()
   changed = np.where(padding[..., None], 1e3, inputs)
@@ -124,14 +124,14 @@ def test_padding_mask_hides_the_padded_values(msda_implementation):
   assert np.any(np.asarray(grad)[~padding])
 
 
-def test_initialisation_is_deformable_detrs(msda_implementation):
+def test_initialisation_is_deformable_detrs(implementation):
   """``_reset_parameters``: zero ``sampling_offsets`` kernel with the direction grid as bias,
   zero ``attention_weights``, Xavier-uniform projections with zero biases; so at init the
   attention weights are uniform (1 / (L * P)) and the locations are the reference points plus
   the grid, in pixels of each level."""
   m, levels, points, c = 8, 3, 2, 16
   layer = flaxdcn.MSDeformAttn(num_heads=m, num_levels=levels, num_points=points,
-                               implementation=msda_implementation)
+                               implementation=implementation)
   query, reference, inputs, _ = _inputs(2, 3, c, SHAPES, 2, 5)
   args = [jnp.asarray(a, jnp.float32) for a in (query, reference, inputs)]
   params = jax.jit(layer.init, static_argnums=4)(jax.random.key(0), *args, SHAPES)["params"]
@@ -218,10 +218,10 @@ def test_errors():
 # --- NNX -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, ref_dim, mask", CONFIGS)
-def test_nnx_matches_linen(kwargs, ref_dim, mask, msda_implementation):
+def test_nnx_matches_linen(kwargs, ref_dim, mask, implementation):
   c = 6 * kwargs["num_heads"]
-  linen, params = _layer_and_params(kwargs, c, seed=8, implementation=msda_implementation)
-  layer = flaxdcn.nnx.MSDeformAttn(c, **kwargs, implementation=msda_implementation,
+  linen, params = _layer_and_params(kwargs, c, seed=8, implementation=implementation)
+  layer = flaxdcn.nnx.MSDeformAttn(c, **kwargs, implementation=implementation,
                                    rngs=nnx.Rngs(0))
   assert jax.tree.map(jnp.shape, flaxdcn.nnx.linen_params(layer)) == jax.tree.map(
       jnp.shape, params)
@@ -260,11 +260,11 @@ def test_nnx_init_equals_linen_init_and_sows_only_under_capture():
 
 # --- Training ------------------------------------------------------------------------------------
 
-def test_linen_training_step_learns_offsets(msda_implementation):
+def test_linen_training_step_learns_offsets(implementation):
   """A few Adam steps on a regression target: the loss falls and the sampling offsets (kernel and
   bias) and the attention weights move."""
   kwargs = dict(num_heads=2, num_levels=3, num_points=2)
-  layer = flaxdcn.MSDeformAttn(**kwargs, implementation=msda_implementation)
+  layer = flaxdcn.MSDeformAttn(**kwargs, implementation=implementation)
   query, reference, inputs, padding = _inputs(2, 6, 8, SHAPES, 4, 11, mask=True)
   args = [jnp.asarray(a, jnp.float32) for a in (query, reference, inputs)]
   padding = jnp.asarray(padding)
@@ -292,9 +292,9 @@ def test_linen_training_step_learns_offsets(msda_implementation):
     assert np.any(np.asarray(moved) != np.asarray(value)), f"{key} did not learn"
 
 
-def test_nnx_training_step(msda_implementation):
+def test_nnx_training_step(implementation):
   layer = flaxdcn.nnx.MSDeformAttn(8, num_heads=2, num_levels=3, num_points=2,
-                                   implementation=msda_implementation, rngs=nnx.Rngs(0))
+                                   implementation=implementation, rngs=nnx.Rngs(0))
   query, reference, inputs, _ = _inputs(2, 6, 8, SHAPES, 2, 13)
   args = [jnp.asarray(a, jnp.float32) for a in (query, reference, inputs)]
   target = jnp.asarray(np.random.default_rng(14).normal(size=(2, 6, 8)), jnp.float32)

@@ -1,9 +1,8 @@
 """``flaxdcn.ms_deform_attn`` against the float64 loop reference of tests/reference_msda.py
 (written from issue 17's semantics).
 
-Tests that take the ``msda_implementation`` fixture (tests/conftest.py) run on every
-implementation; ``"ffi"`` is skipped while flaxdcn has no native ``ms_deform_attn`` kernels (and
-:func:`test_ffi_without_native_kernels_raises` checks that it then raises).
+Tests that take the ``implementation`` fixture (tests/conftest.py) run on every
+implementation (``"ffi"``: the native kernels, where built).
 """
 
 import functools
@@ -19,12 +18,11 @@ import pytest
 from jax.test_util import check_grads
 
 import flaxdcn
-from flaxdcn.ops import ms_deform_attn as msda_module
+from flaxdcn import _ffi
 import reference_msda as ref
+from cuda_testing import assert_same_on_gpu_and_cpu, on_device, requires_gpu
 from reference_msda import MsdaCase
 from tolerances import assert_close
-
-NATIVE = msda_module._NATIVE_OP is not None  # pylint: disable=protected-access
 
 
 #: Odd level shapes down to 1 x 1, H != W, D from 1 to 33, M and P of 1.
@@ -69,18 +67,18 @@ def _grads(case, implementation, args, cot, dtype):
 # --- Forward and gradients against the reference ------------------------------------------------
 
 @pytest.mark.parametrize("case", CASES)
-def test_matches_reference(case, msda_implementation):
+def test_matches_reference(case, implementation):
   args = ref.make_args(case, seed=1)
-  out = jax.jit(_op(case, msda_implementation))(*_jnp(args, jnp.float32))
+  out = jax.jit(_op(case, implementation))(*_jnp(args, jnp.float32))
   assert out.shape == (case.n, case.lq, case.m * case.d) and out.dtype == jnp.float32
   assert_close(out, ref.ms_deform_attn(case, **args), jnp.float32)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_grads_match_reference(case, msda_implementation):
+def test_grads_match_reference(case, implementation):
   args = ref.make_args(case, seed=2)
   cot = _cotangent(case, 3)
-  grads = _grads(case, msda_implementation, args, cot, jnp.float32)
+  grads = _grads(case, implementation, args, cot, jnp.float32)
   expected = ref.vjp(case, **args, cotangent=cot)
   for name in ARGS:
     assert_close(grads[name], expected[name], jnp.float32, err_msg=name)
@@ -119,20 +117,24 @@ def test_reference_self_check():
                                  err_msg=f"{name}[{i}]")
 
 
-def test_default_implementation(msda_implementation):
+def test_default_implementation(implementation):
   case = CASES[0].values[0]
   args = _jnp(ref.make_args(case, seed=7), jnp.float32)
   auto = jax.jit(_op(case, None))(*args)
-  assert_close(auto, jax.jit(_op(case, msda_implementation))(*args), jnp.float32)
+  assert_close(auto, jax.jit(_op(case, implementation))(*args), jnp.float32)
 
 
-@pytest.mark.skipif(NATIVE, reason="flaxdcn has native ms_deform_attn kernels")
-def test_ffi_without_native_kernels_raises():
-  case = CASES[0].values[0]
-  args = _jnp(ref.make_args(case), jnp.float32)
-  with pytest.raises(NotImplementedError, match=r"ms_deform_attn: implementation='ffi' needs the "
-                     r"native kernels .* Use implementation=None"):
-    _op(case, "ffi")(*args)
+def test_more_levels_than_the_native_kernels_take():
+  """Past ``_ffi.MSDA_MAX_LEVELS`` levels ``implementation=None`` runs the jnp path and "ffi"
+  raises, naming the limit."""
+  levels = _ffi.MSDA_MAX_LEVELS + 1
+  case = MsdaCase(1, 3, 2, 4, ((1, 1),) * (levels - 1) + ((2, 3),), 1)
+  args = ref.make_args(case, seed=22)
+  out = jax.jit(_op(case, None))(*_jnp(args, jnp.float32))
+  assert_close(out, ref.ms_deform_attn(case, **args), jnp.float32)
+  with pytest.raises(ValueError, match=rf"ms_deform_attn: the native kernels take at most "
+                     rf"{_ffi.MSDA_MAX_LEVELS} levels, got {levels}"):
+    _op(case, "ffi")(*_jnp(args, jnp.float32))
 
 
 # --- Exact locations, boundaries, non-finite locations -------------------------------------------
@@ -157,7 +159,7 @@ def _exact_locations(case: MsdaCase) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
-def test_exact_and_boundary_locations(dtype, msda_implementation):
+def test_exact_and_boundary_locations(dtype, implementation):
   """Locations on 0, 1, pixel centres and the -1 / H boundaries: the reference's values and its
   cell-convention gradients (exact coordinates, so both read the same cells)."""
   case = EXACT
@@ -173,10 +175,10 @@ def test_exact_and_boundary_locations(dtype, msda_implementation):
   expected_grads = ref.vjp(case, **args, cotangent=cot)
   assert not np.any(expected[0, 5:9]), "samples on the -1 / H / W boundaries read 0"
   with jax.enable_x64(dtype == jnp.float64):
-    out = jax.jit(_op(case, msda_implementation))(*_jnp(args, dtype))
+    out = jax.jit(_op(case, implementation))(*_jnp(args, dtype))
     assert out.dtype == dtype
     assert_close(out, expected, dtype)
-    grads = _grads(case, msda_implementation, args, cot, dtype)
+    grads = _grads(case, implementation, args, cot, dtype)
   for name in ARGS:
     assert_close(grads[name], expected_grads[name], dtype, err_msg=name)
   # On the -1 boundary the gradient is 0 (outside), not the derivative from the right.
@@ -191,7 +193,7 @@ _BAD = [  # (query, head, level, point, 0 for x / 1 for y, value)
 ]
 
 
-def test_non_finite_locations(msda_implementation):
+def test_non_finite_locations(implementation):
   """Huge, Inf and NaN locations drop their sample: values and every other gradient are those of
   a finite far-away location; their own gradients and their attention weights' are 0."""
   case = MsdaCase(1, 5, 2, 4, ((5, 3), (2, 4), (1, 1)), 2)
@@ -205,10 +207,10 @@ def test_non_finite_locations(msda_implementation):
   expected = ref.ms_deform_attn(case, **far)
   np.testing.assert_array_equal(ref.ms_deform_attn(case, **args), expected)
   cot = _cotangent(case, 11)
-  out = jax.jit(_op(case, msda_implementation))(*_jnp(args, jnp.float32))
+  out = jax.jit(_op(case, implementation))(*_jnp(args, jnp.float32))
   assert_close(out, expected, jnp.float32)
-  grads = _grads(case, msda_implementation, args, cot, jnp.float32)
-  far_grads = _grads(case, msda_implementation, far, cot, jnp.float32)
+  grads = _grads(case, implementation, args, cot, jnp.float32)
+  far_grads = _grads(case, implementation, far, cot, jnp.float32)
   for name in ARGS:
     assert np.all(np.isfinite(grads[name])), name
   assert_close(grads["value"], far_grads["value"], jnp.float32)
@@ -242,37 +244,76 @@ GRAD_CASES = [
 
 
 @pytest.mark.parametrize("case", GRAD_CASES)
-def test_grads_float64(case, msda_implementation):
+def test_grads_float64(case, implementation):
   args = _smooth_args(case, 12)
   with jax.enable_x64(True):
-    check_grads(jax.jit(_op(case, msda_implementation)), tuple(_jnp(args, jnp.float64)),
+    check_grads(jax.jit(_op(case, implementation)), tuple(_jnp(args, jnp.float64)),
                 order=1, modes=("rev",), eps=1e-6, atol=1e-5, rtol=1e-5)
 
 
-def test_backward_reproducible(msda_implementation):
+def test_backward_reproducible(implementation):
   """Two runs of the backward agree bitwise, with and without deterministic_backward."""
   case = CASES[2].values[0]
   args = _jnp(ref.make_args(case, seed=13), jnp.float32)
   cot = jnp.asarray(_cotangent(case, 14), jnp.float32)
   results = []
   for deterministic in (False, True, True):
-    fn = _op(case, msda_implementation, deterministic_backward=deterministic)
+    fn = _op(case, implementation, deterministic_backward=deterministic)
     results.append(jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * cot), argnums=(0, 1, 2)))(*args))
   for other in results[1:]:
     for name, got, want in zip(ARGS, other, results[0]):
       np.testing.assert_array_equal(np.asarray(got), np.asarray(want), name)
 
 
+_ONE_CPU_SCRIPT = """
+import os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before jax sizes its thread pool
+sys.path.insert(0, sys.argv[1])
+import jax, jax.numpy as jnp, numpy as np
+import test_ms_deform_attn as t
+np.savez(sys.argv[2], *t._cpu_backward_grads())
+"""
+
+
+def _cpu_backward_grads():
+  """The native CPU gradients of a problem whose backward has more tasks (images x heads x
+  channel blocks: D = 33 is split in two) than this machine has cores."""
+  case = MsdaCase(3, 7, 3, 33, ((5, 7), (3, 2), (1, 1)), 2)
+  args = _jnp(ref.make_args(case, seed=23), jnp.float32)
+  cot = jnp.asarray(_cotangent(case, 24), jnp.float32)
+  fn = _op(case, "ffi")
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * cot), argnums=(0, 1, 2)))(*args)
+  return [np.asarray(g) for g in grads]
+
+
+@pytest.mark.skipif(not _ffi.available("cpu") or not hasattr(os, "sched_setaffinity"),
+                    reason="needs the native CPU kernels and sched_setaffinity")
+def test_cpu_backward_is_deterministic_across_thread_counts(tmp_path):
+  """The CPU backward partitions its scatter by (image, head, channel block), a split fixed by
+  the shapes: the gradients computed by XLA's thread pool on one core equal, bit for bit, those
+  computed here on every core."""
+  here = _cpu_backward_grads()
+  out = tmp_path / "one_cpu.npz"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _ONE_CPU_SCRIPT, str(pathlib.Path(__file__).parent),
+                         str(out)], env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with np.load(out) as one_cpu:
+    for name, got, want in zip(ARGS, (one_cpu[f"arr_{i}"] for i in range(3)), here):
+      np.testing.assert_array_equal(got, want, name)
+
+
 # --- Dtypes, batch sizes, transforms -------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
-def test_half_dtypes(dtype, msda_implementation):
+def test_half_dtypes(dtype, implementation):
   """Half value and weights, float32 accumulation. Locations in float32 are used unrounded;
   locations in the half dtype are read as given."""
   case = CASES[0].values[0]
   args = ref.make_args(case, seed=15)
   rounded = {k: np.asarray(jnp.asarray(v, dtype), np.float64) for k, v in args.items()}
-  fn = jax.jit(_op(case, msda_implementation))
+  fn = jax.jit(_op(case, implementation))
   value, weights = (jnp.asarray(args[k], dtype) for k in ("value", "attention_weights"))
   out = fn(value, jnp.asarray(args["sampling_locations"], jnp.float32), weights)
   assert out.dtype == dtype
@@ -283,36 +324,36 @@ def test_half_dtypes(dtype, msda_implementation):
   assert out.dtype == dtype
   assert_close(out, ref.ms_deform_attn(case, **rounded), dtype)
   cot = _cotangent(case, 16)
-  grads = _grads(case, msda_implementation, rounded, cot, dtype)
+  grads = _grads(case, implementation, rounded, cot, dtype)
   expected = ref.vjp(case, **rounded, cotangent=cot)
   for name in ("value", "attention_weights"):
     assert grads[name].dtype == dtype
     assert_close(grads[name], expected[name], dtype, err_msg=name)
 
 
-def test_dtype_promotion_and_no_float64_leak(msda_implementation):
+def test_dtype_promotion_and_no_float64_leak(implementation):
   case = CASES[1].values[0]
   args = ref.make_args(case, seed=17)
   with jax.enable_x64(True):
     value, locations, weights = _jnp(args, jnp.float32)
-    out = _op(case, msda_implementation)(value, locations, jnp.asarray(weights, jnp.float64))
+    out = _op(case, implementation)(value, locations, jnp.asarray(weights, jnp.float64))
     assert out.dtype == jnp.float64
     # float64 locations with float32 value and weights: read in float32, result float32.
-    out = _op(case, msda_implementation)(value, jnp.asarray(args["sampling_locations"]), weights)
+    out = _op(case, implementation)(value, jnp.asarray(args["sampling_locations"]), weights)
     assert out.dtype == jnp.float32
     assert_close(out, ref.ms_deform_attn(case, **args), jnp.float32)
-    fn = _op(case, msda_implementation)
+    fn = _op(case, implementation)
     jaxpr = str(jax.make_jaxpr(jax.value_and_grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2)))(
         value, locations, weights))
     assert "f64" not in jaxpr, [line for line in jaxpr.splitlines() if "f64" in line][:5]
 
 
-def test_empty_sizes(msda_implementation):
+def test_empty_sizes(implementation):
   """Batch 0, no queries, no points: empty or zero results, and gradients of the right shapes."""
   for case in (MsdaCase(0, 5, 2, 4, ((3, 2), (1, 1)), 2), MsdaCase(2, 0, 2, 4, ((3, 2),), 2),
                MsdaCase(2, 3, 2, 4, ((3, 2),), 0)):
     args = _jnp(ref.make_args(case), jnp.float32)
-    fn = _op(case, msda_implementation)
+    fn = _op(case, implementation)
     out = jax.jit(fn)(*args)
     assert out.shape == (case.n, case.lq, case.m * case.d)
     np.testing.assert_array_equal(np.asarray(out), 0)
@@ -320,11 +361,11 @@ def test_empty_sizes(msda_implementation):
     assert [g.shape for g in grads] == [a.shape for a in args]
 
 
-def test_vmap(msda_implementation):
+def test_vmap(implementation):
   case = MsdaCase(2, 4, 2, 3, ((3, 4), (2, 1)), 2)
   stacked = [ref.make_args(case, seed=s) for s in (18, 19, 20)]
   batched = [jnp.asarray(np.stack([a[k] for a in stacked]), jnp.float32) for k in ARGS]
-  fn = _op(case, msda_implementation)
+  fn = _op(case, implementation)
   out = jax.jit(jax.vmap(fn))(*batched)
   for b, a in enumerate(stacked):
     assert_close(out[b], ref.ms_deform_attn(case, **a), jnp.float32, err_msg=f"member {b}")
@@ -342,7 +383,7 @@ def test_vmap(msda_implementation):
                  jnp.float32)
 
 
-def test_spatial_shapes_forms(msda_implementation):
+def test_spatial_shapes_forms(implementation):
   """A tuple, a list and a numpy array of shapes give the same result; under jit the shapes are
   static (closed over, or a static argument)."""
   case = CASES[0].values[0]
@@ -350,11 +391,11 @@ def test_spatial_shapes_forms(msda_implementation):
   expected = ref.ms_deform_attn(case, **ref.make_args(case, seed=21))
   for shapes in (case.shapes, [list(s) for s in case.shapes], np.array(case.shapes),
                  np.array(case.shapes, np.int32)):
-    out = flaxdcn.ms_deform_attn(args[0], shapes, *args[1:], implementation=msda_implementation)
+    out = flaxdcn.ms_deform_attn(args[0], shapes, *args[1:], implementation=implementation)
     assert_close(out, expected, jnp.float32, err_msg=repr(shapes))
   static = jax.jit(flaxdcn.ms_deform_attn, static_argnames=("spatial_shapes", "implementation"))
   out = static(args[0], spatial_shapes=case.shapes, sampling_locations=args[1],
-               attention_weights=args[2], implementation=msda_implementation)
+               attention_weights=args[2], implementation=implementation)
   assert_close(out, expected, jnp.float32)
   with pytest.raises(TypeError, match="spatial_shapes must be static Python ints .* got a traced "
                      "array"):
@@ -426,14 +467,113 @@ SCRIPT = pathlib.Path(__file__).with_name("msda_multidevice_script.py")
 
 @pytest.mark.extended  # a multi-device subprocess: run by .ci/run after the default suite
 @pytest.mark.slow
-def test_batch_sharded_jit(msda_implementation):
+def test_batch_sharded_jit(implementation):
   env = dict(os.environ)
   env["XLA_FLAGS"] = " ".join(
       flag for flag in env.get("XLA_FLAGS", "").split()
       if not flag.startswith("--xla_force_host_platform_device_count"))
   env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, str(SCRIPT), msda_implementation], env=env,
+  proc = subprocess.run([sys.executable, str(SCRIPT), implementation], env=env,
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, (
-      f"msda_multidevice_script.py {msda_implementation} failed (rc={proc.returncode}):\n"
+      f"msda_multidevice_script.py {implementation} failed (rc={proc.returncode}):\n"
       f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+# --- CUDA ----------------------------------------------------------------------------------------
+# Collected everywhere, skipped without a GPU; .ci/gpu-check runs every ``cuda`` test of tests/
+# (conftest.py runs their float32 matmuls at full precision). The ``compute_sanitizer`` tests are
+# the small subset it also runs under compute-sanitizer.
+
+cuda = pytest.mark.cuda
+GPU_DTYPES = [pytest.param(jnp.float32, id="f32"), pytest.param(jnp.float16, id="f16"),
+              pytest.param(jnp.bfloat16, id="bf16")]
+#: The compute-sanitizer subset: the scalar kernels in float32 (D = 2) and the vector kernels in
+#: bfloat16 (D = 8).
+SANITIZER_CASES = [pytest.param(jnp.float32, CASES[0].values[0], id="f32-D2"),
+                   pytest.param(jnp.bfloat16, CASES[3].values[0], id="bf16-D8")]
+
+
+def _device_problem(case, dtype, seed, device, locations_dtype=None):
+  """``(value, sampling_locations, attention_weights)`` and an output cotangent on ``device``:
+  the locations in ``locations_dtype`` (default: the compute dtype of ``dtype``), the rest in
+  ``dtype``."""
+  args = ref.make_args(case, seed=seed)
+  if locations_dtype is None:
+    locations_dtype = jnp.float64 if dtype == jnp.float64 else jnp.float32
+  value, weights, cot = on_device(device, args["value"], args["attention_weights"],
+                                  _cotangent(case, seed + 1), dtype=dtype)
+  (locations,) = on_device(device, args["sampling_locations"], dtype=locations_dtype)
+  return (value, locations, weights), cot
+
+
+def _vjp_program(case, implementation, deterministic):
+  """A jitted ``(*primals, cotangent) -> (out, grads)`` of ``flaxdcn.ms_deform_attn``."""
+  fn = _op(case, implementation, deterministic_backward=deterministic)
+
+  def run(*args):
+    out, vjp = jax.vjp(fn, *args[:-1])
+    return out, vjp(args[-1])
+  return jax.jit(run)
+
+
+def _assert_native_matches_xla(case, dtype, deterministic, primals, cot):
+  """The native forward and every gradient against the jnp path on the primals' device; a
+  deterministic backward is bitwise equal across two runs."""
+  native = _vjp_program(case, "ffi", deterministic)
+  out, grads = native(*primals, cot)
+  out_xla, grads_xla = _vjp_program(case, "xla", deterministic)(*primals, cot)
+  assert out.dtype == dtype
+  assert_close(out, out_xla, dtype, err_msg="output")
+  for name, g, g_xla, primal in zip(ARGS, grads, grads_xla, primals):
+    assert g.dtype == primal.dtype, name
+    assert_close(g, g_xla, dtype, err_msg=name)
+  if deterministic:
+    for name, a, b in zip(ARGS, grads, native(*primals, cot)[1]):
+      np.testing.assert_array_equal(a, b, err_msg=f"{name}, second run")
+
+
+@cuda
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_cuda_ms_deform_attn_matches_xla(case, dtype, deterministic):
+  """CUDA forward and gradients (atomic and fixed-point grad-value sums) against the jnp path on
+  the GPU; scalar (D = 1, 3, 5, 33) and vector (D = 8) kernels."""
+  primals, cot = _device_problem(case, dtype, 30, jax.devices("gpu")[0])
+  _assert_native_matches_xla(case, dtype, deterministic, primals, cot)
+
+
+@cuda
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_ms_deform_attn_non_finite_locations(deterministic):
+  """NaN, +-Inf and +-1e30 locations on the GPU: the jnp path's values and gradients, all
+  finite."""
+  case = MsdaCase(1, 5, 2, 4, ((5, 3), (2, 4), (1, 1)), 2)
+  primals, cot = _device_problem(case, jnp.float32, 32, jax.devices("cpu")[0])
+  locations = np.array(primals[1])
+  for q, m, lvl, p, axis, value in _BAD:
+    locations[0, q, m, lvl, p, axis] = value
+  gpu = jax.devices("gpu")[0]
+  primals = on_device(gpu, primals[0], locations, primals[2])
+  (cot,) = on_device(gpu, cot)
+  _assert_native_matches_xla(case, jnp.float32, deterministic, primals, cot)
+  _, grads = _vjp_program(case, "ffi", deterministic)(*primals, cot)
+  for name, g in zip(ARGS, grads):
+    assert np.all(np.isfinite(np.asarray(g))), name
+
+
+@cuda
+@pytest.mark.compute_sanitizer
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype, case", SANITIZER_CASES)
+def test_cuda_ms_deform_attn_separate_programs(dtype, case, deterministic):
+  """CUDA against the CPU kernels, forward and backward compiled as separate programs (whole
+  operand buffers for compute-sanitizer); the locations in ``dtype`` too, so that every
+  gradient has it."""
+  primals, cot = _device_problem(case, dtype, 34, jax.devices("cpu")[0], locations_dtype=dtype)
+  fn = _op(case, "ffi", deterministic_backward=deterministic)
+  assert_same_on_gpu_and_cpu(fn, primals, cot, dtype)

@@ -44,7 +44,7 @@ def _header(definition):
 def _includes():
   return "\n".join(f'#include "{_header(d)}"' for d in (
       r"FLAXDCN_HD void Dcnv3Location\(", r"FLAXDCN_HD RoiBin<A> MakeRoiBin\(",
-      r"FLAXDCN_HD A RoiSampleCoord\("))
+      r"FLAXDCN_HD A RoiSampleCoord\(", r"FLAXDCN_HD void MsDeformAttnLocation\("))
 
 
 # --- Device: PTX -------------------------------------------------------------------------------
@@ -76,6 +76,17 @@ __device__ void RoiCoords(const RoiPoolParams& p, const A* rois, const int64_t* 
   out_ints[4] = b.valid;
 }}
 
+template <typename A>
+__device__ void MsdaLocations(const int64_t* ints, const A* reals, A* out) {{
+  MsDeformAttnLocation<A>(reals[0], reals[1], ints[0], ints[1], &out[0], &out[1]);
+}}
+
+extern "C" __global__ void MsdaLocationF32(const int64_t* i, const float* r, float* o) {{
+  MsdaLocations<float>(i, r, o);
+}}
+extern "C" __global__ void MsdaLocationF64(const int64_t* i, const double* r, double* o) {{
+  MsdaLocations<double>(i, r, o);
+}}
 extern "C" __global__ void Dcnv3LocationF32(Dcnv3Params p, const int64_t* i, const float* r,
                                             float* o) {{
   Locations<float>(p, i, r, o);
@@ -94,7 +105,8 @@ extern "C" __global__ void RoiCoordsF64(RoiPoolParams p, const double* rois, con
 }}
 """
 
-ENTRIES = ("Dcnv3LocationF32", "Dcnv3LocationF64", "RoiCoordsF32", "RoiCoordsF64")
+ENTRIES = ("Dcnv3LocationF32", "Dcnv3LocationF64", "RoiCoordsF32", "RoiCoordsF64",
+           "MsdaLocationF32", "MsdaLocationF64")
 
 _INSTRUCTION = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z]+)((?:\.[a-z0-9]+)*)\s+([^;]*);", re.M)
 
@@ -183,9 +195,9 @@ HOST = """
 #include <cstdlib>
 {includes}
 
-// argv: offset_scale dy origin step i (C hexadecimal floats and an integer).
+// argv: offset_scale dy origin step i x size (C hexadecimal floats and integers).
 int main(int argc, char** argv) {{
-  if (argc != 6) return 2;
+  if (argc != 8) return 2;
   flaxdcn::Dcnv3Params p{{}};
   p.kernel_h = p.kernel_w = 3;
   p.stride_h = p.stride_w = p.dilation_h = p.dilation_w = 1;
@@ -199,7 +211,12 @@ int main(int argc, char** argv) {{
   const float c = flaxdcn::RoiSampleCoord<float>(std::strtof(argv[3], nullptr),
                                                  std::strtof(argv[4], nullptr),
                                                  std::strtoll(argv[5], nullptr, 10));
-  std::printf("%a %a %a\\n", h, w, c);
+  // An MSDA location x on a size x size level: w = x * size - 0.5, h likewise.
+  const float x = std::strtof(argv[6], nullptr);
+  const int64_t size = std::strtoll(argv[7], nullptr, 10);
+  float mh, mw;
+  flaxdcn::MsDeformAttnLocation<float>(x, x, size, size, &mh, &mw);
+  std::printf("%a %a %a %a %a\\n", h, w, c, mh, mw);
   return 0;
 }}
 """
@@ -209,6 +226,9 @@ int main(int argc, char** argv) {{
 OFFSET_SCALE = 1.7                       # float32 0x1.b33334p+0
 DY = float(np.float32(1.764705777168274))  # 0x1.c3c3c2p+0
 ORIGIN, STEP, INDEX = -3.0, float(np.float32(0.24)), 12  # (12 + 0.5) * 0x1.eb851ep-3
+#: x * 25 = 0.5 - 1.1e-8 exactly: 0.5 rounded on its own (w = 0), -1.1e-8 fused with the -0.5
+#: (floor -1: the pixel column to the left).
+MSDA_X, MSDA_SIZE = float(np.float32(0.02)), 25  # 0x1.47ae14p-6
 
 
 def _twice_rounded(a, x, y):
@@ -240,10 +260,11 @@ def test_host_build_with_fma_contraction_rounds_twice(tmp_path):
     pytest.skip("no host C++ compiler")
   flags = _contracting_flags()
   expected = [_twice_rounded(-3.0, DY, OFFSET_SCALE)] * 2 + [
-      _twice_rounded(ORIGIN, INDEX + 0.5, STEP)]
-  fused = [_fused(-3.0, DY, OFFSET_SCALE)] * 2 + [_fused(ORIGIN, INDEX + 0.5, STEP)]
+      _twice_rounded(ORIGIN, INDEX + 0.5, STEP)] + [_twice_rounded(-0.5, MSDA_X, MSDA_SIZE)] * 2
+  fused = [_fused(-3.0, DY, OFFSET_SCALE)] * 2 + [_fused(ORIGIN, INDEX + 0.5, STEP)] + [
+      _fused(-0.5, MSDA_X, MSDA_SIZE)] * 2
   # The inputs tell the two apart, on either side of 0.
-  assert expected == [0.0] * 3 and all(-1e-6 < v < 0 for v in fused), (expected, fused)
+  assert expected == [0.0] * 5 and all(-1e-6 < v < 0 for v in fused), (expected, fused)
   source = tmp_path / "host.cc"
   source.write_text(HOST.format(includes=_includes()))
   binary = tmp_path / "host"
@@ -251,7 +272,8 @@ def test_host_build_with_fma_contraction_rounds_twice(tmp_path):
                         f"-I{SOURCES}", str(source), "-o", str(binary)],
                        capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-4000:]
-  args = [float(np.float32(OFFSET_SCALE)).hex(), DY.hex(), ORIGIN.hex(), STEP.hex(), str(INDEX)]
+  args = [float(np.float32(OFFSET_SCALE)).hex(), DY.hex(), ORIGIN.hex(), STEP.hex(), str(INDEX),
+          MSDA_X.hex(), str(MSDA_SIZE)]
   out = subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stderr
   got = [float.fromhex(v) for v in out.stdout.split()]

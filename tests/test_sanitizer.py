@@ -1,9 +1,10 @@
 """The CPU kernels under AddressSanitizer and UndefinedBehaviorSanitizer.
 
-A small C++ driver calls the kernel functions of xla_ext/cpu/deform_conv_kernels.cc and
-xla_ext/cpu/roi_pool_kernels.cc directly, on exactly sized heap buffers, with huge, infinite and
-NaN offsets, RoIs outside the image (and of every degenerate kind) and invalid batch indices, in
-both RoI forms ([R, 5] and per image), for every element type.
+A small C++ driver calls the kernel functions of xla_ext/cpu/deform_conv_kernels.cc,
+xla_ext/cpu/roi_pool_kernels.cc and xla_ext/cpu/ms_deform_attn_kernels.cc directly, on exactly
+sized heap buffers, with huge, infinite and NaN offsets and sampling locations, RoIs outside the
+image (and of every degenerate kind) and invalid batch indices, in both RoI forms ([R, 5] and per
+image), for every element type.
 Any out-of-bounds access, float-to-int overflow or other undefined behaviour aborts the run; the
 driver also checks that every output is finite.
 """
@@ -25,6 +26,7 @@ DRIVER = r"""
 #include <vector>
 
 #include "xla_ext/cpu/deform_conv_kernels.h"
+#include "xla_ext/cpu/ms_deform_attn_kernels.h"
 #include "xla_ext/cpu/roi_pool_kernels.h"
 
 namespace fd = flaxdcn;
@@ -145,10 +147,66 @@ bool Roi(int64_t sampling_ratio, bool per_image) {
          AllFinite(grad_offset, "grad_offset");
 }
 
+// One multi-scale deformable attention and its backward (one and two channel blocks: D = 17 takes
+// the forward's 16-channel chunks and their tail); location i is kSpecial[(7 i + shift) %
+// kSpecials], scaled by 0.2 at every other i so that many land inside the levels.
+template <typename T>
+bool Msda(int64_t shift) {
+  using A = fd::AccType<T>;
+  fd::MsDeformAttnParams p{};
+  p.batch = 2; p.queries = 5; p.heads = 3; p.head_channels = 17; p.points = 2; p.levels = 3;
+  p.channels = p.heads * p.head_channels;
+  const int64_t sizes[][2] = {{5, 3}, {2, 4}, {1, 1}};
+  for (int64_t l = 0; l < p.levels; ++l) {
+    p.height[l] = sizes[l][0];
+    p.width[l] = sizes[l][1];
+    p.level_start[l] = p.values;
+    p.values += sizes[l][0] * sizes[l][1];
+  }
+  Buffer<T> value(p.batch * p.values * p.channels), weights(p.samples());
+  Buffer<A> locations(2 * p.samples());
+  Buffer<T> out(p.units() * p.head_channels);
+  for (int64_t i = 0; i < value.size; ++i) value.get()[i] = Make<T>(std::sin(0.7 * i));
+  for (int64_t i = 0; i < locations.size; ++i) {
+    locations.get()[i] = static_cast<A>(kSpecial[(i * 7 + shift) % kSpecials] * (i % 2 ? 1 : 0.2));
+  }
+  for (int64_t i = 0; i < weights.size; ++i) weights.get()[i] = Make<T>(0.5 + 0.4 * std::cos(i));
+  for (int64_t i = 0; i < out.size; ++i) out.get()[i] = Make<T>(std::cos(0.3 * i));
+  Buffer<T> grad_value(value.size), grad_weights(weights.size);
+  Buffer<A> grad_locations(locations.size);
+  for (int64_t blocks : {1, 2}) {  // one block: no stage 2
+    Buffer<A> partial(blocks > 1 ? p.samples() * blocks * 4 : 0);
+    for (int64_t task = 0; task < p.batch * p.heads * blocks; ++task) {
+      fd::MsDeformAttnBackwardValueCpu<T>(p, blocks, task, out.get(), value.get(),
+                                          locations.get(), weights.get(), grad_value.get(),
+                                          blocks > 1 ? partial.get() : nullptr,
+                                          blocks > 1 ? nullptr : grad_locations.get(),
+                                          blocks > 1 ? nullptr : grad_weights.get());
+    }
+    if (blocks > 1) {
+      fd::MsDeformAttnBackwardSamplingCpu<T>(p, blocks, partial.get(), locations.get(),
+                                             weights.get(), grad_locations.get(),
+                                             grad_weights.get(), 0, p.batch * p.queries);
+    }
+  }
+  // The forward after the backward, which used the out buffer as a cotangent.
+  fd::MsDeformAttnCpu<T>(p, value.get(), locations.get(), weights.get(), out.get(), 0,
+                         p.batch * p.queries);
+  bool finite = true;
+  for (int64_t i = 0; i < grad_locations.size; ++i) {
+    if (!std::isfinite(static_cast<double>(grad_locations.get()[i]))) {
+      std::fprintf(stderr, "non-finite grad_locations at %lld\n", static_cast<long long>(i));
+      finite = false;
+    }
+  }
+  return finite && AllFinite(out, "msda out") && AllFinite(grad_value, "msda grad_value") &&
+         AllFinite(grad_weights, "msda grad_weights");
+}
+
 template <typename T>
 bool All() {
   for (int64_t shift = 0; shift < kSpecials; ++shift) {
-    if (!Conv<T>(shift)) return false;
+    if (!Conv<T>(shift) || !Msda<T>(shift)) return false;
   }
   return Roi<T>(0, false) && Roi<T>(2, false) && Roi<T>(0, true) && Roi<T>(2, true);
 }
@@ -160,7 +218,7 @@ int main() {
 """
 
 #: The op families whose CPU kernels (xla_ext/cpu/<op>_kernels.cc) the driver calls.
-KERNEL_OPS = ("deform_conv", "roi_pool")
+KERNEL_OPS = ("deform_conv", "roi_pool", "ms_deform_attn")
 FLAGS = ["-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer",
          "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
 

@@ -58,7 +58,7 @@ SIMT_DIR = os.path.join(ROOT, "tests", "simt")
 SOURCES = os.path.abspath(os.environ.get("FLAXDCN_SIMT_SOURCES", ROOT))
 #: The native op families: each has ``xla_ext/{cpu,cuda}/<op>_kernels.*``,
 #: ``xla_ext/cuda/<op>_ffi.cc`` and ``tests/simt/<op>_cases.cc``.
-OPS = ("deform_conv", "roi_pool", "dcnv3")
+OPS = ("deform_conv", "roi_pool", "dcnv3", "ms_deform_attn")
 #: The CUDA translation units under test, in ``xla_ext/``.
 CUDA_SOURCES = ["cuda/accumulate.cu", *(f"cuda/{op}_kernels.cu" for op in OPS)]
 FLAGS = ["-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer", "-Wall", "-Wno-unknown-pragmas",
@@ -641,9 +641,10 @@ def test_kernels_compile_against_the_fallback_headers(tmp_path):
 # --- The CUDA FFI handlers, from JAX ------------------------------------------------------------
 
 #: The suites that run on the emulated CUDA handlers, and the selection: every test of
-#: test_ffi.py and the ``[ffi]`` tests of test_dcnv3.py, but the check that the real build
-#: compiled CUDA and the CPU-only promises that both backward modes agree bitwise.
-FFI_SUITES = ("tests/test_ffi.py", "tests/test_dcnv3.py")
+#: test_ffi.py and the ``[ffi]`` tests of test_dcnv3.py and test_ms_deform_attn.py, but the check
+#: that the real build compiled CUDA and the CPU-only promises that both backward modes agree
+#: bitwise.
+FFI_SUITES = ("tests/test_ffi.py", "tests/test_dcnv3.py", "tests/test_ms_deform_attn.py")
 FFI_SELECTION = ("ffi and not cuda_kernels_compiled and not cpu_backward_is_deterministic "
                  "and not backward_reproducible")
 
@@ -652,8 +653,8 @@ FFI_SELECTION = ("ffi and not cuda_kernels_compiled and not cpu_backward_is_dete
 @pytest.mark.skipif(os.environ.get("FLAXDCN_SIMT_FFI") != "1",
                     reason="opt-in (FLAXDCN_SIMT_FFI=1): past the CI budget of the simt tests")
 def test_ffi_suite_on_the_emulated_cuda_handlers(tmp_path):
-  """tests/test_ffi.py and test_dcnv3.py (ffi against the jnp implementation and loops:
-  gradients, vmap, jit, sharding) with ``flaxdcn._native`` replaced by the CUDA FFI handlers
+  """tests/test_ffi.py, test_dcnv3.py and test_ms_deform_attn.py (ffi against the jnp
+  implementation and loops: gradients, vmap, jit, sharding) with ``flaxdcn._native`` replaced by the CUDA FFI handlers
   (xla_ext/cuda/<op>_ffi.cc) and the CUDA kernels under the emulation, registered as CPU targets
   (tests/simt/native.cc). Their device allocator rejects alignments above 16 bytes, as XLA's
   does. ``$FLAXDCN_SIMT_FFI_K`` replaces the ``-k`` selection."""

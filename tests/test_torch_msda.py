@@ -147,9 +147,9 @@ def _pixel_coordinates(config: OpConfig, locations: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("config", OP_CONFIGS, ids=lambda c: c.name)
-def test_op_matches_grid_sample(config, dtype, msda_implementation):
+def test_op_matches_grid_sample(config, dtype, implementation):
   args = {k: v.astype(dtype) for k, v in op_arguments(config).items()}
-  ours = flaxdcn_op(config, args, dtype, msda_implementation)
+  ours = flaxdcn_op(config, args, dtype, implementation)
   theirs = torch_op(config, args, dtype)
   assert ours["out"].shape == theirs["out"].shape == (config.n, config.lq, config.m * config.d)
   assert_close(ours["out"], theirs["out"], dtype, err_msg="out")
@@ -169,7 +169,7 @@ def test_op_matches_grid_sample(config, dtype, msda_implementation):
       moved = locations.copy()
       moved[..., axis] = np.where(selected, 0, moved[..., axis])
       right = flaxdcn_op(config, args | {"sampling_locations": moved}, dtype,
-                         msda_implementation)["sampling_locations"]
+                         implementation)["sampling_locations"]
       expected[..., axis] = np.where(selected, right[..., axis], expected[..., axis])
   assert_close(theirs["sampling_locations"], expected, dtype, err_msg="sampling_locations")
 
@@ -258,7 +258,7 @@ MODULE_CONFIGS = [
 
 
 @pytest.mark.parametrize("kwargs, ref_dim, mask", MODULE_CONFIGS)
-def test_module_matches_torch(kwargs, ref_dim, mask, msda_implementation):
+def test_module_matches_torch(kwargs, ref_dim, mask, implementation):
   """A randomised torch module, converted: the same output in float64, and the same gradients
   of every parameter and input."""
   shapes = ((5, 7), (3, 2), (1, 1))
@@ -284,7 +284,7 @@ def test_module_matches_torch(kwargs, ref_dim, mask, msda_implementation):
 
   params = msda_params_from_torch(module.state_dict())
   layer = flaxdcn.MSDeformAttn(num_heads=kwargs["n_heads"], num_levels=kwargs["n_levels"],
-                               num_points=kwargs["n_points"], implementation=msda_implementation)
+                               num_points=kwargs["n_points"], implementation=implementation)
   with jax.enable_x64(True):
     def fn(params, query, reference, inputs):
       return layer.apply({"params": params}, query, reference, inputs, shapes,

@@ -119,39 +119,10 @@ def ms_deform_attn(
     out = _xla_ms_deform_attn.ms_deform_attn(value, sampling_locations, attention_weights,
                                              geometry)
   else:
-    out = _native(value, sampling_locations, attention_weights, geometry,
-                  implementation=implementation, deterministic_backward=deterministic_backward)
+    fallback = _xla_ms_deform_attn.ms_deform_attn if implementation is None else None
+    out = _ffi.ms_deform_attn(value, sampling_locations, attention_weights, geometry,
+                              deterministic_backward=deterministic_backward, fallback=fallback)
   return out.reshape(n, lq, m * d)
-
-
-# --- The native dispatch point -------------------------------------------------------------------
-# The one place this op calls flaxdcn._ffi. The native op is
-#
-#   _ffi.ms_deform_attn(value, sampling_locations, attention_weights, geometry, *,
-#                       deterministic_backward: bool, fallback: Callable | None) -> [N, Lq, M, D]
-#
-# with value [N, S, M, D] and attention_weights [N, Lq, M, L, P] in one floating dtype T,
-# sampling_locations [N, Lq, M, L, P, 2] in compute_dtype(T), geometry a MsDeformAttnGeometry,
-# the result in T, differentiable in all three; fallback(value, sampling_locations,
-# attention_weights, geometry) is lowered on platforms without native kernels, and None
-# (implementation="ffi") makes those platforms an error (as _ffi.dcnv3). Until _ffi defines it,
-# implementation=None runs the jnp path and "ffi" raises.
-
-_NATIVE_OP = getattr(_ffi, "ms_deform_attn", None)
-
-
-def _native(value, sampling_locations, attention_weights, geometry, *, implementation,
-            deterministic_backward):
-  fallback = _xla_ms_deform_attn.ms_deform_attn if implementation is None else None
-  if _NATIVE_OP is not None:
-    return _NATIVE_OP(value, sampling_locations, attention_weights, geometry,
-                      deterministic_backward=deterministic_backward, fallback=fallback)
-  if fallback is not None:
-    return fallback(value, sampling_locations, attention_weights, geometry)
-  raise NotImplementedError(
-      f"{_FN}: implementation='ffi' needs the native kernels for platform "
-      f"{jax.default_backend()}, but this flaxdcn build has them for: none (it has no native "
-      f"{_FN} kernels). Use implementation=None (native where built, else 'xla') or 'xla'.")
 
 
 # --- Checks --------------------------------------------------------------------------------------

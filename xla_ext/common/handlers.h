@@ -16,7 +16,9 @@
   X("flaxdcn_dcnv3", Dcnv3)                                  \
   X("flaxdcn_dcnv3_bwd", Dcnv3Bwd)                           \
   X("flaxdcn_dcnv4", Dcnv4)                                  \
-  X("flaxdcn_dcnv4_bwd", Dcnv4Bwd)
+  X("flaxdcn_dcnv4_bwd", Dcnv4Bwd)                           \
+  X("flaxdcn_ms_deform_attn", MsDeformAttn)                  \
+  X("flaxdcn_ms_deform_attn_bwd", MsDeformAttnBwd)
 
 #define FLAXDCN_DECLARE_CPU_HANDLER(name, stem) XLA_FFI_DECLARE_HANDLER_SYMBOL(Flaxdcn##stem##Cpu);
 FLAXDCN_FOR_EACH_TARGET(FLAXDCN_DECLARE_CPU_HANDLER)
