@@ -111,6 +111,20 @@ void WithWidthAndMode(int width, bool deterministic, Launch&& launch) {
   });
 }
 
+// Launches a kernel whose sub-warps own one unit each (`units` of them) and walk the group's
+// channels in vectors: the vector width fits the group's channels and `vector_pointers`, and
+// launch(v, lanes, grid) enqueues the kernel with V = decltype(v)::value.
+template <typename T, typename Params, typename Launch>
+cudaError_t LaunchSubWarps(const Params& p, int64_t units,
+                           std::initializer_list<const void*> vector_pointers, Launch&& launch) {
+  const int width = VectorWidth<T>(p, vector_pointers);
+  const int lanes = SubWarpLanes(p.group_channels() / width);
+  unsigned int grid;
+  if (cudaError_t e = GridFor(units, lanes, &grid); e != cudaSuccess) return e;
+  WithWidth<T>(width, [&](auto v) { launch(v, lanes, grid); });
+  return cudaGetLastError();
+}
+
 // Launches the backward kernel of an op whose sub-warps own one sample each (p.samples() of
 // them), accumulating grad-input into `buffers`: the vector width fits the group's channels and
 // `vector_pointers`, and launch(Tag<T>{}, v, mode, lanes, grid, acc) enqueues the kernel with

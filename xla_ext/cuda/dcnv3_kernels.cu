@@ -146,19 +146,14 @@ cudaError_t LaunchDcnv3(cudaStream_t stream, ElementType type, const Dcnv3Params
   if (units == 0 || p.channels == 0) return cudaSuccess;
   return DispatchType(type, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const int width = VectorWidth<T>(p, {input, out});
-    const int lanes = SubWarpLanes(p.group_channels() / width);
-    unsigned int grid;
-    if (cudaError_t e = GridFor(units, lanes, &grid); e != cudaSuccess) return e;
     const auto* in = static_cast<const T*>(input);
     const auto* off = static_cast<const T*>(offset);
     const auto* msk = static_cast<const T*>(mask);
     auto* dst = static_cast<T*>(out);
-    WithWidth<T>(width, [&](auto v) {
+    return LaunchSubWarps<T>(p, units, {input, out}, [&](auto v, int lanes, unsigned grid) {
       constexpr int kV = decltype(v)::value;
       Dcnv3Kernel<T, kV><<<grid, kBlockThreads, 0, stream>>>(p, lanes, in, off, msk, dst);
     });
-    return cudaGetLastError();
   });
 }
 

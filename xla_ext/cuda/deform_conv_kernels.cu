@@ -134,19 +134,15 @@ cudaError_t LaunchDeformIm2col(cudaStream_t stream, ElementType type, const Conv
   if (p.samples() == 0 || p.channels == 0) return cudaSuccess;
   return DispatchType(type, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const int width = VectorWidth<T>(p, {input, columns});
-    const int lanes = SubWarpLanes(p.group_channels() / width);
-    unsigned int grid;
-    if (cudaError_t e = GridFor(p.samples(), lanes, &grid); e != cudaSuccess) return e;
     const auto* in = static_cast<const T*>(input);
     const auto* off = static_cast<const T*>(offset);
     const auto* msk = static_cast<const T*>(mask);
     auto* out = static_cast<T*>(columns);
-    WithWidth<T>(width, [&](auto v) {
+    return LaunchSubWarps<T>(p, p.samples(), {input, columns},
+                             [&](auto v, int lanes, unsigned grid) {
       constexpr int kV = decltype(v)::value;
       DeformIm2colKernel<T, kV><<<grid, kBlockThreads, 0, stream>>>(p, lanes, in, off, msk, out);
     });
-    return cudaGetLastError();
   });
 }
 

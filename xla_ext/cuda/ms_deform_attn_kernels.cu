@@ -115,19 +115,14 @@ cudaError_t LaunchMsDeformAttn(cudaStream_t stream, ElementType type, const MsDe
   return DispatchType(type, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = Acc<T>;
-    const int width = VectorWidth<T>(p, {value, out});
-    const int lanes = SubWarpLanes(p.group_channels() / width);
-    unsigned int grid;
-    if (cudaError_t e = GridFor(p.units(), lanes, &grid); e != cudaSuccess) return e;
     const auto* val = static_cast<const T*>(value);
     const auto* loc = static_cast<const A*>(locations);
     const auto* wts = static_cast<const T*>(weights);
     auto* dst = static_cast<T*>(out);
-    WithWidth<T>(width, [&](auto v) {
+    return LaunchSubWarps<T>(p, p.units(), {value, out}, [&](auto v, int lanes, unsigned grid) {
       constexpr int kV = decltype(v)::value;
       MsDeformAttnKernel<T, kV><<<grid, kBlockThreads, 0, stream>>>(p, lanes, val, loc, wts, dst);
     });
-    return cudaGetLastError();
   });
 }
 
