@@ -125,6 +125,8 @@ def deform_conv2d(
   inputs, offsets, kernel = (jnp.asarray(a, dtype) for a in (inputs, offsets, kernel))
   mask = None if mask is None else jnp.asarray(mask, dtype)
   row_bytes = n * wo * geometry.num_kernel_points * inputs.shape[-1] * jnp.dtype(dtype).itemsize
+  if isinstance(precision, list):  # the plan is hashable
+    precision = tuple(precision)
   plan = _Plan(geometry, feature_group_count, precision, implementation,
                bool(deterministic_backward),
                forward_bands=_row_bands(ho, row_bytes, COLUMNS_BUDGET_BYTES),
