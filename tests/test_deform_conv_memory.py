@@ -50,7 +50,8 @@ def _grads(case, args, implementation, budget, monkeypatch):
   return out, dict(zip(present, grads))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16, jnp.float16],
+                         ids=["f32", "f64", "bf16", "f16"])
 @pytest.mark.parametrize("mask", [True, False], ids=["v2", "v1"])
 @pytest.mark.parametrize("case", CASES)
 def test_chunked_equals_one_band(case, mask, dtype, implementation, monkeypatch):
