@@ -173,19 +173,21 @@ def format_sanitizer(counts: dict) -> str:
 
 # --- benchmark -----------------------------------------------------------------------------------
 
-COLUMNS = ("shape", "dtype", "op", "impl", "pass", "ms", "x base", "base", "x peer", "temp MiB")
+COLUMNS = ("shape", "dtype", "op", "impl", "pass", "ms", "x base", "base", "x peer", "temp MiB",
+           "input MiB", "temp / input")
 
 
 def _cell(row: dict, column: str) -> str:
   value = {"impl": row.get("implementation"), "pass": row.get("pass_"), "ms": row.get("ms"),
            "x base": row.get("ratio_dense"), "base": (row.get("baseline") or "").split("/")[0],
-           "x peer": row.get("ratio_peer"), "temp MiB": row.get("temp_mib")}.get(
+           "x peer": row.get("ratio_peer"), "temp MiB": row.get("temp_mib"),
+           "input MiB": row.get("input_mib"), "temp / input": row.get("temp_per_input")}.get(
                column, row.get(column))
   if value is None:
     return ""
   if isinstance(value, float):
-    return f"{value:.3f}" if column == "x peer" else f"{value:.2f}" if column != "temp MiB" \
-        else f"{value:.1f}"
+    return f"{value:.3f}" if column == "x peer" else f"{value:.1f}" if column.endswith("MiB") \
+        else f"{value:.2f}"
   return str(value)
 
 

@@ -18,7 +18,8 @@ torchvision are importable: torchvision's ``deform_conv2d`` and ``roi_align``, a
 ``ms_deform_attn`` Deformable DETR's ``ms_deform_attn_core_pytorch`` (``grid_sample`` per level,
 the reference every port of Deformable DETR starts from).
 ``temp MiB`` is XLA's compiled temporary allocation (``memory_analysis``), the per-program
-peak-memory figure every backend reports.
+peak-memory figure every backend reports; ``input MiB`` the size of the op's input feature map
+(``[N, H, W, C]``; the value of ``ms_deform_attn``), and ``temp / input`` their ratio.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ class Case:
   args: tuple[Any, ...]
   grad_argnums: tuple[int, ...]
   baseline: str = "conv/dense"  # op/impl of the row every ratio of this case is taken against
+  input_arg: int = 0  # the argument that is the op's input feature map (``input MiB``)
 
 
 def _conv_cases(shape: ConvShape, dtype_name: str, impls: Sequence[str]) -> list[Case]:
@@ -245,7 +247,7 @@ def _deformable_kernel_cases(shape: ConvShape, dtype_name: str, scope: int = 5) 
         lambda p: 0.05 * jax.random.normal(keys[3], p.shape, p.dtype), params[head])
     cases.append(Case(shape.name, dtype_name, cls.__name__, "xla",
                       lambda p, x, m=module: m.apply({"params": p}, x), (params, x), (0, 1),
-                      baseline))
+                      baseline, input_arg=1))
   return cases
 
 
@@ -543,6 +545,7 @@ def run(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], repe
                                                       deformable_kernels):
     fns: dict[str, Callable[[], Any]] = {}
     temp: dict[str, float | None] = {}
+    input_mib: dict[str, float] = {}
     baseline: dict[str, str] = {}
     for case in cases:
       fn_of_pass = {"fwd": case.fn,
@@ -553,6 +556,7 @@ def run(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], repe
         fns[key] = (lambda jitted=jitted, args=case.args:
                     jax.block_until_ready(jitted(*args)))
         temp[key] = _temp_mib(jitted, case.args)
+        input_mib[key] = case.args[case.input_arg].nbytes / 2**20
         baseline[key] = f"{case.baseline}/{pass_name}"
     peer_of: dict[str, str] = {}
     for op, (peer_op, peer_impl, timers) in peers.items():
@@ -571,7 +575,9 @@ def run(shapes: Sequence[str], dtypes: Sequence[str], impls: Sequence[str], repe
           ms=seconds * 1e3, baseline=baseline[key].rsplit("/", 2)[0] if base else "",
           ratio_dense=seconds / base if base else None,
           ratio_peer=seconds / peer if peer and key not in peer_of.values() else None,
-          temp_mib=temp.get(key)))
+          temp_mib=temp.get(key), input_mib=input_mib.get(key),
+          temp_per_input=(temp[key] / input_mib[key]
+                          if temp.get(key) is not None and input_mib.get(key) else None)))
   return rows
 
 
@@ -597,15 +603,16 @@ def environment() -> dict[str, Any]:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-  header = ("shape", "dtype", "op", "impl", "pass", "ms", "x base", "base", "x peer", "temp MiB")
+  header = ("shape", "dtype", "op", "impl", "pass", "ms", "x base", "base", "x peer", "temp MiB",
+            "input MiB", "temp / input")
   lines = [header]
+  fmt = lambda value, spec: "" if value is None else format(value, spec)
   for r in rows:
     lines.append((
         r["shape"], r["dtype"], r["op"], r["implementation"], r["pass_"], f"{r['ms']:.2f}",
-        "" if r["ratio_dense"] is None else f"{r['ratio_dense']:.2f}",
-        r["baseline"].split("/")[0],
-        "" if r["ratio_peer"] is None else f"{r['ratio_peer']:.3f}",
-        "" if r["temp_mib"] is None else f"{r['temp_mib']:.1f}"))
+        fmt(r["ratio_dense"], ".2f"), r["baseline"].split("/")[0], fmt(r["ratio_peer"], ".3f"),
+        fmt(r["temp_mib"], ".1f"), fmt(r.get("input_mib"), ".1f"),
+        fmt(r.get("temp_per_input"), ".2f")))
   widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
   out = []
   for j, line in enumerate(lines):

@@ -4,10 +4,14 @@ tests/test_sharding.py (the device count must be fixed before jax initialises).
 Usage: ``python tests/multidevice_script.py IMPLEMENTATION``. Exits non-zero (an AssertionError with
 a message) on the first failed check:
 
+Every check runs twice: with the default column budget (one band) and with a budget of one
+output row per band (the loop over bands of ``deform_conv2d``, forward and backward).
+
 * batch-sharded ``jit`` (a ``Mesh`` over the 8 devices, inputs/offsets/mask sharded with
-  ``NamedSharding(P('batch'))``, kernel/bias replicated): no ``all-gather`` in the compiled HLO of
-  the forward or of ``jax.grad``; the output stays batch-sharded; values equal the unsharded ones
-  (and the loop reference);
+  ``NamedSharding(P('batch'))``, kernel/bias replicated): no ``all-gather``, ``all-to-all`` or
+  ``collective-permute`` in the compiled HLO of the forward or of ``jax.grad``, and the native
+  targets called on each device's shard of the batch; the output stays batch-sharded; values
+  equal the unsharded ones (and the loop reference);
 * ``pmap`` of the forward and of ``jax.grad``: values equal the unsharded ones;
 * explicit sharding (``jax.make_mesh`` with ``AxisType.Explicit``, under ``jax.set_mesh``): the op,
   its gradient and both modules trace, keep the batch sharding and equal the unsharded values.
@@ -15,6 +19,7 @@ a message) on the first failed check:
 
 import functools
 import os
+import re
 import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -28,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flaxdcn  # noqa: E402
+from flaxdcn.ops import deform_conv  # noqa: E402
 import reference as ref  # noqa: E402
 from reference import Case  # noqa: E402
 from tolerances import assert_close  # noqa: E402
@@ -38,8 +44,33 @@ NAMES = ("inputs", "offsets", "kernel", "mask", "bias")
 BATCHED = ("inputs", "offsets", "mask")
 
 
+#: Collectives that would move batch data between devices (the kernel's gradient is a sum over
+#: the batch: its all-reduce is expected).
+BATCH_TRAFFIC = ("all-gather", "all-to-all", "collective-permute")
+
+
+def _check_no_batch_traffic(hlo: str, implementation: str, what: str) -> None:
+  """No collective moves batch data, and the native targets run on each device's shard."""
+  found = [line for line in hlo.splitlines() if any(op in line for op in BATCH_TRAFFIC)]
+  assert not found, (f"{implementation}: the batch-sharded {what} moves batch data:\n"
+                     + "\n".join(found)[:4000])
+  if implementation == "ffi":
+    calls = re.findall(r"= f32\[(\d+),[^\]]*\][^=]*custom-call\(.*flaxdcn_deform_im2col", hlo)
+    assert calls, f"{implementation}: no native call in the {what}"
+    per_shard = CASE.n // DEVICES
+    assert {int(c) for c in calls} == {per_shard}, (
+        f"{implementation}: {what}: native calls over batches {calls}, expected {per_shard}")
+
+
 def main(implementation: str) -> None:
   assert jax.device_count() == DEVICES, jax.devices()
+  # Every check twice: one band, and one band per output row (the loop over bands, bwd included).
+  _main(implementation)
+  deform_conv.COLUMNS_BUDGET_BYTES = 1
+  _main(implementation)
+
+
+def _main(implementation: str) -> None:
   op = functools.partial(flaxdcn.deform_conv2d, **CASE.kwargs(), implementation=implementation)
 
   def loss(inputs, offsets, kernel, mask, bias):
@@ -61,10 +92,7 @@ def main(implementation: str) -> None:
   sharded = [jax.device_put(a, batch if k in BATCHED else replicated)
              for k, a in zip(NAMES, args)]
   for what, fn in (("forward", fwd_jit), ("grad", grad_jit)):
-    hlo = fn.lower(*sharded).compile().as_text()
-    assert "all-gather" not in hlo, (
-        f"{implementation}: the batch-sharded {what} all-gathers:\n"
-        + "\n".join(line for line in hlo.splitlines() if "all-gather" in line)[:4000])
+    _check_no_batch_traffic(fn.lower(*sharded).compile().as_text(), implementation, what)
   out = fwd_jit(*sharded)
   assert out.sharding.is_equivalent_to(batch, out.ndim), (
       f"{implementation}: output sharding {out.sharding}, expected batch-sharded")
@@ -83,7 +111,7 @@ def main(implementation: str) -> None:
   pargs = [per_device(a) if k in BATCHED else a for k, a in zip(NAMES, args)]
   pfwd = jax.pmap(op, in_axes=in_axes)
   hlo = pfwd.lower(*pargs).compile().as_text()
-  assert "all-gather" not in hlo, f"{implementation}: pmap forward all-gathers"
+  assert not any(op in hlo for op in BATCH_TRAFFIC), f"{implementation}: pmap forward collectives"
   assert_close(pfwd(*pargs).reshape(expected_out.shape), expected_out, jnp.float32,
                err_msg="pmap forward")
   pgrads = jax.pmap(grad, in_axes=in_axes)(*pargs)

@@ -183,6 +183,7 @@ def test_mask_none_equals_mask_of_ones(implementation):
     pytest.param(lax.Precision.HIGHEST, id="HIGHEST"),
     pytest.param("highest", id="str"),
     pytest.param((lax.Precision.DEFAULT, lax.Precision.HIGHEST), id="pair"),
+    pytest.param([lax.Precision.DEFAULT, lax.Precision.HIGHEST], id="list"),
 ])
 def test_precision_accepted(precision, implementation):
   case = CASES[1].values[0]

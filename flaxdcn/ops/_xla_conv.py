@@ -119,6 +119,9 @@ def _gather_columns_bwd(residuals, cotangent):
   # Positions in chunks: every temporary of the backward is a chunk's worth, not [N, P, ...]
   # four times over (XLA:CPU allocates temporaries per call; past ~32 MB they cost page faults).
   chunk = max(1, min(p, _BWD_CHUNK_ELEMENTS // max(1, n * groups * channels)))
+  # A chunk that divides P (down to half the largest) spares padding the cotangent, a copy as
+  # large as the columns.
+  chunk = next((d for d in range(chunk, chunk // 2, -1) if p % d == 0), chunk)
   chunks = -(-p // chunk)
   pad = chunks * chunk - p
   if pad:  # padding rows have zero weight and a zero cotangent: they add nothing.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax.typing import PaddingLike, PrecisionLike
@@ -13,6 +16,11 @@ from flaxdcn._geometry import (ConvGeometry, check_implementation, compute_dtype
 from flaxdcn.ops import _xla_conv
 
 _FN = "deform_conv2d"
+
+#: Bytes of column-sized buffers one chunk of :func:`deform_conv2d` may hold at once: the
+#: forward's columns ``[N, rows, Wo, K, C]`` of one band of output rows; in the backward those
+#: columns and their cotangent together. Read when a call is traced.
+COLUMNS_BUDGET_BYTES = 64 * 2**20
 
 
 def deform_conv2d(
@@ -81,6 +89,14 @@ def deform_conv2d(
       atomics; slower). The native CPU kernels are always deterministic; the ``"xla"``
       implementation follows XLA's own ``--xla_gpu_deterministic_ops``.
 
+  Memory: the columns ``[N, Ho, Wo, K, C]`` of the whole batch never exist. The forward samples
+  and multiplies one band of output rows at a time (all images of the batch together), each
+  band's columns within ``COLUMNS_BUDGET_BYTES`` (64 MiB) of this module; the backward keeps
+  only the arguments, recomputes each band's columns and takes that band's kernel gradient and
+  column cotangent at once (their sum within the same budget). A call whose columns fit the
+  budget is one band. A band holds at least one output row of every image, so one row of the
+  batch larger than the budget exceeds it; under ``jax.vmap`` the budget holds per member.
+
   Returns:
     ``[N, Ho, Wo, O]`` in the promoted dtype of the array arguments. Sampling coordinates and
     accumulation are float32 (float64 for float64 inputs).
@@ -108,12 +124,131 @@ def deform_conv2d(
 
   inputs, offsets, kernel = (jnp.asarray(a, dtype) for a in (inputs, offsets, kernel))
   mask = None if mask is None else jnp.asarray(mask, dtype)
-  columns = deform_im2col(inputs, offsets, mask, geometry, implementation=implementation,
-                          deterministic_backward=deterministic_backward)
-  out = columns_matmul(columns, kernel, feature_group_count, precision)
+  row_bytes = n * wo * geometry.num_kernel_points * inputs.shape[-1] * jnp.dtype(dtype).itemsize
+  if isinstance(precision, list):  # the plan is hashable
+    precision = tuple(precision)
+  plan = _Plan(geometry, feature_group_count, precision, implementation,
+               bool(deterministic_backward),
+               forward_bands=_row_bands(ho, row_bytes, COLUMNS_BUDGET_BYTES),
+               backward_bands=_row_bands(ho, 2 * row_bytes, COLUMNS_BUDGET_BYTES))
+  out = _chunked_conv(plan, inputs, offsets, mask, kernel)
   if bias is not None:
     out = out + jnp.asarray(bias, dtype)
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static parameters of one chunked :func:`deform_conv2d` (hashable: a nondiff argument)."""
+  geometry: ConvGeometry
+  feature_groups: int
+  precision: PrecisionLike
+  implementation: str | None
+  deterministic_backward: bool
+  #: ``(start, stop)`` output rows of each chunk, in order, covering ``[0, Ho)``.
+  forward_bands: tuple[tuple[int, int], ...]
+  backward_bands: tuple[tuple[int, int], ...]
+
+
+def _row_bands(rows: int, row_bytes: int, budget: int) -> tuple[tuple[int, int], ...]:
+  """The fewest bands of about equal height (the last may be smaller) whose ``row_bytes`` per row
+  fit ``budget``; at least one row per band."""
+  count = -(-rows // max(1, budget // max(1, row_bytes)))
+  height = -(-rows // count)
+  return tuple((start, min(rows, start + height)) for start in range(0, rows, height))
+
+
+def _band_geometry(geometry: ConvGeometry, start: int, stop: int) -> ConvGeometry:
+  """Output rows ``[start, stop)`` of ``geometry`` as a convolution of their own: the same input,
+  the row origin moved by ``start`` strides (the padding before row 0 may become negative)."""
+  (lo, hi), cols = geometry.padding
+  return dataclasses.replace(geometry, out_size=(stop - start, geometry.out_size[1]),
+                             padding=((lo - start * geometry.strides[0], hi), cols))
+
+
+def _rows(a: jax.Array | None, start: int, stop: int, rows: int) -> jax.Array | None:
+  """``a[:, start:stop]`` (a itself when that is every row): a slice of a non-batch axis, which
+  keeps a batch-sharded array on its devices."""
+  return a if a is None or (start, stop) == (0, rows) else a[:, start:stop]
+
+
+def _band(plan: _Plan, start: int, stop: int):
+  """``(inputs, offsets rows, mask rows, kernel) -> output rows [start, stop)``."""
+  geometry = _band_geometry(plan.geometry, start, stop)
+
+  def fn(inputs, offsets, mask, kernel):
+    columns = deform_im2col(inputs, offsets, mask, geometry, implementation=plan.implementation,
+                            deterministic_backward=plan.deterministic_backward)
+    return columns_matmul(columns, kernel, plan.feature_groups, plan.precision)
+
+  return fn
+
+
+def _band_loop(bands, branch, carry):
+  """``carry = branch(start, stop)(carry)`` for every band in order, in a loop: XLA runs one
+  band at a time, so no two bands' columns are ever alive together (ops of unrolled bands could
+  be scheduled side by side). A single band is a plain call."""
+  if len(bands) == 1:
+    return branch(*bands[0])(carry)
+  branches = [branch(start, stop) for start, stop in bands]
+  return lax.fori_loop(0, len(bands), lambda i, c: lax.switch(i, branches, c), carry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_conv(plan: _Plan, inputs, offsets, mask, kernel) -> jax.Array:
+  """The convolution without bias, one band of output rows at a time."""
+  rows = plan.geometry.out_size[0]
+  if len(plan.forward_bands) == 1:
+    return _band(plan, 0, rows)(inputs, offsets, mask, kernel)
+
+  def branch(start, stop):
+    def fn(out):
+      y = _band(plan, start, stop)(inputs, _rows(offsets, start, stop, rows),
+                                   _rows(mask, start, stop, rows), kernel)
+      return lax.dynamic_update_slice_in_dim(out, y, start, axis=1)
+    return fn
+
+  # Zeros shaped [N, Ho, Wo, O] that keep the offsets' batch sharding.
+  out = jnp.broadcast_to(jnp.zeros_like(offsets[..., :1], inputs.dtype),
+                         (*offsets.shape[:3], kernel.shape[-1]))
+  return _band_loop(plan.forward_bands, branch, out)
+
+
+def _chunked_conv_fwd(plan, inputs, offsets, mask, kernel):
+  # The residuals are the arguments: the columns are recomputed band by band in the backward.
+  return _chunked_conv(plan, inputs, offsets, mask, kernel), (inputs, offsets, mask, kernel)
+
+
+def _chunked_conv_bwd(plan, residuals, grad):
+  """Per band: recompute its columns, and from them and the band's cotangent its kernel gradient
+  and column cotangent, which the sampling's own VJP scatters to the arguments at once."""
+  inputs, offsets, mask, kernel = residuals
+  rows = plan.geometry.out_size[0]
+  if len(plan.backward_bands) == 1:
+    _, vjp = jax.vjp(_band(plan, 0, rows), inputs, offsets, mask, kernel)
+    return vjp(grad)
+  acc = compute_dtype(inputs.dtype)
+
+  def branch(start, stop):
+    def fn(carry):
+      grad_inputs, grad_kernel, grad_offsets, grad_mask = carry
+      _, vjp = jax.vjp(_band(plan, start, stop), inputs, _rows(offsets, start, stop, rows),
+                       _rows(mask, start, stop, rows), kernel)
+      g_inputs, g_offsets, g_mask, g_kernel = vjp(_rows(grad, start, stop, rows))
+      put = lambda a, g: None if a is None else lax.dynamic_update_slice_in_dim(a, g, start, 1)
+      return (grad_inputs + g_inputs.astype(acc), grad_kernel + g_kernel.astype(acc),
+              put(grad_offsets, g_offsets), put(grad_mask, g_mask))
+    return fn
+
+  carry = (jnp.zeros_like(inputs, acc), jnp.zeros_like(kernel, acc), jnp.zeros_like(offsets),
+           None if mask is None else jnp.zeros_like(mask))
+  grad_inputs, grad_kernel, grad_offsets, grad_mask = _band_loop(plan.backward_bands, branch,
+                                                                 carry)
+  return (grad_inputs.astype(inputs.dtype), grad_offsets, grad_mask,
+          grad_kernel.astype(kernel.dtype))
+
+
+_chunked_conv.defvjp(_chunked_conv_fwd, _chunked_conv_bwd)
 
 
 def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
