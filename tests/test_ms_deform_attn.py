@@ -295,9 +295,11 @@ def test_cpu_backward_is_deterministic_across_thread_counts(tmp_path):
   here = _cpu_backward_grads()
   out = tmp_path / "one_cpu.npz"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # cwd: `python -c` puts the working directory first on sys.path, and the checkout's flaxdcn
+  # (no compiled module in a non-editable install) must not shadow the installed one.
   proc = subprocess.run([sys.executable, "-c", _ONE_CPU_SCRIPT, str(pathlib.Path(__file__).parent),
                          str(out)], env=env, capture_output=True, text=True, timeout=600,
-                        check=False)
+                        check=False, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-4000:]
   with np.load(out) as one_cpu:
     for name, got, want in zip(ARGS, (one_cpu[f"arr_{i}"] for i in range(3)), here):
