@@ -6,10 +6,7 @@ checks as the jnp path.
 """
 
 import functools
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +16,7 @@ from jax.test_util import check_grads
 
 import flaxdcn
 import reference_dcnv3 as ref
+from multidevice_testing import run_multidevice_script
 from cuda_testing import assert_same_on_gpu_and_cpu, on_device, requires_gpu
 from reference_dcnv3 import V3Case
 from tolerances import assert_close
@@ -380,16 +378,7 @@ SCRIPT = pathlib.Path(__file__).with_name("dcnv3_multidevice_script.py")
 @pytest.mark.extended  # a multi-device subprocess: run by .ci/run after the default suite
 @pytest.mark.slow
 def test_batch_sharded_jit(implementation):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(
-      flag for flag in env.get("XLA_FLAGS", "").split()
-      if not flag.startswith("--xla_force_host_platform_device_count"))
-  env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, str(SCRIPT), implementation], env=env,
-                        capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 0, (
-      f"dcnv3_multidevice_script.py {implementation} failed (rc={proc.returncode}):\n"
-      f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+  run_multidevice_script(SCRIPT, implementation, timeout=300)
 
 
 # --- CUDA ----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from jax.test_util import check_grads
 import flaxdcn
 from flaxdcn import _ffi
 import reference_msda as ref
+from multidevice_testing import run_multidevice_script
 from cuda_testing import assert_same_on_gpu_and_cpu, on_device, requires_gpu
 from reference_msda import MsdaCase
 from tolerances import assert_close
@@ -470,16 +471,7 @@ SCRIPT = pathlib.Path(__file__).with_name("msda_multidevice_script.py")
 @pytest.mark.extended  # a multi-device subprocess: run by .ci/run after the default suite
 @pytest.mark.slow
 def test_batch_sharded_jit(implementation):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(
-      flag for flag in env.get("XLA_FLAGS", "").split()
-      if not flag.startswith("--xla_force_host_platform_device_count"))
-  env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, str(SCRIPT), implementation], env=env,
-                        capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, (
-      f"msda_multidevice_script.py {implementation} failed (rc={proc.returncode}):\n"
-      f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+  run_multidevice_script(SCRIPT, implementation)
 
 
 # --- CUDA ----------------------------------------------------------------------------------------

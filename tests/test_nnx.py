@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import pathlib
-import subprocess
-import sys
 import warnings
 
 import flax
@@ -25,6 +22,7 @@ from jax import lax
 import flaxdcn
 import flaxdcn.nnx
 from flaxdcn.ops.roi_pool import deform_roi_pool
+from multidevice_testing import run_multidevice_script
 from tolerances import assert_close
 
 C, OUT = 6, 6
@@ -459,14 +457,5 @@ def test_remat_gives_the_same_gradients(implementation):
 @pytest.mark.slow
 def test_batch_sharded_nnx_jit_step(implementation):
   """tests/nnx_multidevice_script.py on 8 CPU devices (see its docstring for the checks)."""
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = " ".join(
-      flag for flag in env.get("XLA_FLAGS", "").split()
-      if not flag.startswith("--xla_force_host_platform_device_count"))
-  env["JAX_PLATFORMS"] = "cpu"
-  script = pathlib.Path(__file__).with_name("nnx_multidevice_script.py")
-  proc = subprocess.run([sys.executable, str(script), implementation], env=env,
-                        capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, (
-      f"nnx_multidevice_script.py {implementation} failed (rc={proc.returncode}):\n"
-      f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+  run_multidevice_script(pathlib.Path(__file__).with_name("nnx_multidevice_script.py"),
+                         implementation)
