@@ -10,10 +10,10 @@ and without the AVX2 copy (``-DFLAXDCN_CPU_AVX2=0``); the outputs must be equal 
 import os
 import platform
 import re
-import shutil
 import subprocess
 
 import pytest
+from host_build_testing import host_compiler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,13 +91,6 @@ int main() {
 """
 
 
-def _compiler():
-  for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
-  return None
-
-
 def _has_avx2():
   if platform.machine().lower() not in ("x86_64", "amd64"):
     return False
@@ -107,7 +100,7 @@ def _has_avx2():
 
 @pytest.mark.skipif(not _has_avx2(), reason="needs an x86-64 CPU with AVX2 (Linux)")
 def test_avx2_kernels_compute_the_baseline_bits(tmp_path):
-  compiler = _compiler()
+  compiler = host_compiler()
   if compiler is None:
     pytest.skip("no C++ compiler (set CXX)")
   source = tmp_path / "driver.cc"

@@ -10,10 +10,10 @@ driver also checks that every output is finite.
 """
 
 import os
-import shutil
 import subprocess
 
 import pytest
+from host_build_testing import host_compiler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -223,16 +223,9 @@ FLAGS = ["-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer",
          "-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
 
 
-def _compiler():
-  for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
-  return None
-
-
 @pytest.mark.slow
 def test_cpu_kernels_under_sanitizers(tmp_path):
-  compiler = _compiler()
+  compiler = host_compiler()
   if compiler is None:
     pytest.skip("no C++ compiler (set CXX) to build the sanitizer driver")
   probe = tmp_path / "probe.cc"

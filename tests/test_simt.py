@@ -39,7 +39,6 @@ import hashlib
 import math
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -48,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from host_build_testing import host_compiler
 from tolerances import assert_close
 
 pytestmark = pytest.mark.simt
@@ -70,13 +70,6 @@ DTYPE_PARAMS = [pytest.param(name, id=name) for name in DTYPES]
 
 
 # --- Build -------------------------------------------------------------------------------------
-
-def _compiler():
-  for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
-  return None
-
 
 def _toolkit_include():
   """The CUDA toolkit's include directory if its fp16/bf16 headers compile on the host."""
@@ -208,7 +201,7 @@ def _digest(*paths, extra=""):
 
 
 def _session_build(cuda_sources, host_sources):
-  compiler = _compiler()
+  compiler = host_compiler()
   if compiler is None:
     pytest.skip("no host C++ compiler (set CXX) to build the SIMT emulation")
   cache = os.path.join(tempfile.gettempdir(), "flaxdcn-simt-cache")
@@ -594,7 +587,7 @@ def _is_nan_half(bits, exponent_mask, mantissa_mask):
 def test_fallback_fp16_bf16_match_the_toolkit(tmp_path):
   """tests/simt/fallback's conversions equal the toolkit's on every half and bfloat16 and on a
   sweep of floats with the rounding ties (NaN payloads aside)."""
-  compiler, include = _compiler(), _toolkit_include()
+  compiler, include = host_compiler(), _toolkit_include()
   if compiler is None:
     pytest.skip("no host C++ compiler (set CXX)")
   if include is None:
@@ -623,7 +616,7 @@ def test_fallback_fp16_bf16_match_the_toolkit(tmp_path):
 def test_kernels_compile_against_the_fallback_headers(tmp_path):
   """Where no toolkit is installed the emulation uses tests/simt/fallback: the CUDA sources must
   compile against it too."""
-  compiler = _compiler()
+  compiler = host_compiler()
   if compiler is None:
     pytest.skip("no host C++ compiler (set CXX)")
   includes = [f"-I{os.path.join(SIMT_DIR, 'include')}", f"-I{SIMT_DIR}", f"-I{SOURCES}",
@@ -664,7 +657,7 @@ def test_ffi_suite_on_the_emulated_cuda_handlers(tmp_path):
   import jax.ffi
   import pybind11
 
-  compiler = _compiler()
+  compiler = host_compiler()
   if compiler is None:
     pytest.skip("no host C++ compiler (set CXX) to build the SIMT emulation")
   flags = ["-std=c++17", "-O1", "-g", "-fPIC", "-fvisibility=hidden", "-DFLAXDCN_WITH_CUDA",
