@@ -261,6 +261,11 @@ def available(platform: str) -> bool:
   return ("cuda" if platform == "gpu" else platform) in _TARGETS
 
 
+def platforms() -> tuple[str, ...]:
+  """The JAX platforms (``"cpu"``, ``"cuda"``) this build has native kernels for."""
+  return tuple(sorted(_TARGETS))
+
+
 def build_info() -> dict[str, Any]:
   """Facts of the native build: ``{"cpu": bool, "cuda": bool, "ffi_api": (major, minor), ...}``.
 

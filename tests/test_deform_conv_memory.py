@@ -1,8 +1,8 @@
 """Bounded memory of ``deform_conv2d``: bands of output rows, columns recomputed in the backward.
 
-A chunked call (``COLUMNS_BUDGET_BYTES`` forced down to one output row per band, the last band
-smaller where the rows do not divide) must equal the one-band call in values and every gradient;
-the compiled forward+backward of a shape whose columns exceed the budget must hold no
+A chunked call (``COLUMNS_BUDGET_BYTES`` forced down to one output row per band, or two bands of
+which the second repeats rows of the first) must equal the one-band call in values and every
+gradient; the compiled forward+backward of a shape whose columns exceed the budget must hold no
 ``[N, Ho, Wo, K, C]``-sized buffer.
 """
 
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import flaxdcn
+from flaxdcn import _ffi
 import reference as ref
 from flaxdcn.ops import deform_conv
 from reference import Case
@@ -31,9 +32,12 @@ CASES = [
 NAMES = ("inputs", "offsets", "kernel", "mask", "bias")
 
 
-def _grads(case, args, implementation, budget, monkeypatch):
-  """Value and gradients of every argument under ``budget`` bytes of columns per band."""
+def _grads(case, args, implementation, budget, monkeypatch, height=None):
+  """Value and gradients of every argument under ``budget`` bytes of columns per band (or in
+  bands of ``height`` rows, forward and backward)."""
   monkeypatch.setattr(deform_conv, "COLUMNS_BUDGET_BYTES", budget)
+  if height is not None:
+    monkeypatch.setattr(deform_conv, "_row_bands", lambda rows, *_: deform_conv._Bands(rows, height))
   op = functools.partial(flaxdcn.deform_conv2d, **case.kwargs(), implementation=implementation)
   cotangent = jnp.asarray(np.random.RandomState(3).normal(size=(case.n, *case.out_size, case.o)),
                           args["inputs"].dtype)
@@ -55,20 +59,35 @@ def _grads(case, args, implementation, budget, monkeypatch):
 @pytest.mark.parametrize("mask", [True, False], ids=["v2", "v1"])
 @pytest.mark.parametrize("case", CASES)
 def test_chunked_equals_one_band(case, mask, dtype, implementation, monkeypatch):
+  """One output row per band (``COLUMNS_BUDGET_BYTES`` of 1)."""
+  ho = case.out_size[0]
+  row_bytes = (case.n * case.out_size[1] * case.kernel[0] * case.kernel[1] * case.c
+               * jnp.dtype(dtype).itemsize)
+  assert deform_conv._row_bands(ho, row_bytes, 1).count == ho  # one row per band, forward
+  assert deform_conv._row_bands(ho, 2 * row_bytes, 1).count == ho  # and backward
   with jax.enable_x64(dtype == jnp.float64):
     _check_chunked_equals_one_band(case, mask, dtype, implementation, monkeypatch)
 
 
-def _check_chunked_equals_one_band(case, mask, dtype, implementation, monkeypatch):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16],
+                         ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("mask", [True, False], ids=["v2", "v1"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.values[0].out_size[0] >= 3])
+def test_overlapping_last_band_equals_one_band(case, mask, dtype, implementation, monkeypatch):
+  """Two bands of ``Ho // 2 + 1`` rows: the second starts before the first ends, so its first
+  rows repeat the first band's and must count once in the value and every gradient."""
+  height = case.out_size[0] // 2 + 1
+  bands = deform_conv._Bands(case.out_size[0], height)
+  assert bands.count == 2 and bands.overlap and bands.start(1) < height
+  with jax.enable_x64(dtype == jnp.float64):
+    _check_chunked_equals_one_band(case, mask, dtype, implementation, monkeypatch, height)
+
+
+def _check_chunked_equals_one_band(case, mask, dtype, implementation, monkeypatch, height=None):
   args = {k: None if v is None else jnp.asarray(v, dtype)
           for k, v in ref.make_args(case, seed=2, mask=mask, offset_scale=3.0).items()}
-  ho = case.out_size[0]
-  itemsize = jnp.dtype(dtype).itemsize
-  row_bytes = case.n * case.out_size[1] * case.kernel[0] * case.kernel[1] * case.c * itemsize
-  assert len(deform_conv._row_bands(ho, row_bytes, 1)) == ho  # one row per band, forward
-  assert len(deform_conv._row_bands(ho, 2 * row_bytes, 1)) == ho  # and backward
   out1, grads1 = _grads(case, args, implementation, 2**40, monkeypatch)
-  out, grads = _grads(case, args, implementation, 1, monkeypatch)
+  out, grads = _grads(case, args, implementation, 1, monkeypatch, height)
   assert_close(out, out1, dtype, err_msg="value")
   assert_close(out, ref.reference(case, ref.make_args(case, seed=2, mask=mask, offset_scale=3.0)),
                dtype, err_msg="value against the loop reference")
@@ -78,11 +97,29 @@ def _check_chunked_equals_one_band(case, mask, dtype, implementation, monkeypatc
     assert_close(grads[name], grads1[name], dtype, err_msg=f"grad {name}")
 
 
-def test_row_bands_cover_rows_with_a_smaller_tail():
-  assert deform_conv._row_bands(50, 10, 170) == ((0, 17), (17, 34), (34, 50))
-  assert deform_conv._row_bands(7, 10, 10**9) == ((0, 7),)
-  assert deform_conv._row_bands(7, 10, 25) == ((0, 2), (2, 4), (4, 6), (6, 7))
-  assert deform_conv._row_bands(3, 10**9, 1) == ((0, 1), (1, 2), (2, 3))
+def _rows_of_bands(bands):
+  return [tuple(range(bands.start(i), bands.start(i) + bands.height)) for i in range(bands.count)]
+
+
+@pytest.mark.parametrize("rows, row_bytes, budget, height", [
+    (50, 10, 170, 17),       # 17 rows fit; 3 bands repeat 1 row (at most 50 // 16 = 3)
+    (50, 10, 90, 5),         # 9 fit; 9, 8, 7, 6 repeat 4 or more, 5 none
+    (7, 10, 10**9, 7),       # all in one band
+    (7, 10, 25, 1),          # 2 fit but repeat 1 row, more than 7 // 16 = 0; 1 repeats none
+    (3, 10**9, 1, 1),        # a band is at least one row, whatever the budget
+    (13, 10, 60, 5),         # 6 fit; none repeats 0: 6 repeats 5, 5 and 3 repeat 2, 4 repeats 3
+])
+def test_row_bands_cover_every_row_once_in_order(rows, row_bytes, budget, height):
+  bands = deform_conv._row_bands(rows, row_bytes, budget)
+  assert bands.height == height
+  assert bands.height * row_bytes <= budget or bands.height == 1
+  covered = _rows_of_bands(bands)
+  assert sorted(set(sum(covered, ()))) == list(range(rows))
+  assert all(len(r) == bands.height and r[-1] < rows for r in covered)
+  # Every band but the last starts where the one before it stops; the last ends at the last row.
+  assert [r[0] for r in covered[:-1]] == [i * height for i in range(bands.count - 1)]
+  assert covered[-1][-1] == rows - 1
+  assert bands.overlap == (rows % height != 0)
 
 
 def test_chunked_deterministic_and_vmap(implementation, monkeypatch):
@@ -142,3 +179,46 @@ def test_forward_backward_holds_no_full_columns(mask, implementation):
     assert largest < columns // 2, f"{name}: an array of {largest} elements, columns {columns}"
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < columns * 4, f"{name}: {temp / 2**20:.1f} MiB of temporaries"
+
+
+def _hlo_ops(text: str, op: str) -> int:
+  return len(re.findall(rf"= [^=\n]* {op}\(", text))
+
+
+def test_jnp_loop_compiles_one_band_and_default_is_native_in_jit_portable_in_export(monkeypatch):
+  """With many bands: ``"xla"`` compiles one band's sampling whatever their count (the band's
+  first row is a loop value); ``None`` under ``jit`` on this CPU runs the native call per band
+  with the bits of ``"ffi"``, and its export for cpu, cuda and tpu is a loop with no custom call
+  that gives ``"xla"``'s values."""
+  case = CASES[1].values[0]  # Ho = 9
+  args = [jnp.asarray(ref.make_args(case, seed=5)[k], jnp.float32)
+          for k in ("inputs", "offsets", "kernel", "mask")]
+
+  def grad_fn(implementation):
+    def loss(*a):
+      out = flaxdcn.deform_conv2d(*a, **case.kwargs(), implementation=implementation)
+      return jnp.sum(jnp.sin(out))
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+
+  def hlo(implementation, height):
+    monkeypatch.setattr(deform_conv, "_row_bands", lambda rows, *_: deform_conv._Bands(rows, height))
+    return jax.jit(grad_fn(implementation)).lower(*args).compile().as_text()
+
+  three, nine = hlo("xla", 3), hlo("xla", 1)
+  assert _hlo_ops(three, "gather") == _hlo_ops(nine, "gather") > 0
+  assert _hlo_ops(three, "scatter") == _hlo_ops(nine, "scatter") > 0
+  assert "custom-call" not in nine
+
+  monkeypatch.setattr(deform_conv, "COLUMNS_BUDGET_BYTES", 1)
+  if _ffi.available("cpu"):
+    default = jax.jit(grad_fn(None))
+    assert "flaxdcn_deform_im2col" in default.lower(*args).compile().as_text()
+    for got, want in zip(jax.tree.leaves(default(*args)),
+                         jax.tree.leaves(jax.jit(grad_fn("ffi"))(*args))):
+      np.testing.assert_array_equal(got, want)
+  exported = jax.export.export(jax.jit(grad_fn(None)), platforms=("cpu", "cuda", "tpu"))(*args)
+  text = exported.mlir_module()
+  assert "custom_call" not in text and "stablehlo.while" in text
+  want = jax.jit(grad_fn("xla"))(*args)
+  for got, expected in zip(jax.tree.leaves(exported.call(*args)), jax.tree.leaves(want)):
+    assert_close(got, expected, jnp.float32)

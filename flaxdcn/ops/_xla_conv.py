@@ -7,10 +7,14 @@ VJP (weight gradients by channel reductions, input gradient by one scatter-add),
 differentiates through the gather index arithmetic; gradients reach offsets and mask through the
 plan by plain AD.
 
-Boundary rule: the image is padded by one zero pixel on every side, so a corner at row -1 or row H
-(column -1 or W) reads 0; a sample with ``h <= -1 or h >= H or w <= -1 or w >= W`` (NaN included)
-gets all-zero weights and its coordinates are replaced by 0 before any arithmetic, so huge, Inf or
-NaN offsets never produce out-of-range indices or NaN gradients.
+Boundary rule: a corner at row -1 or row H (column -1 or W) reads 0; a sample with
+``h <= -1 or h >= H or w <= -1 or w >= W`` (NaN included) gets all-zero weights and its
+coordinates are replaced by 0 before any arithmetic, so huge, Inf or NaN offsets never produce
+NaN gradients. The convolution's gather reads the image in place: such corners, and every corner
+of a dropped sample, index one row past the image, which the gather reads as 0 and the
+scatter-add skips (no padded copy of the image, no padded gradient). :func:`bilinear_plan`
+also indexes a one-pixel zero-padded image, for the callers that pad (Deformable Kernels'
+scope, multi-scale deformable attention's levels).
 """
 
 from __future__ import annotations
@@ -24,24 +28,31 @@ from jax import lax
 from flaxdcn._geometry import ConvGeometry, compute_dtype
 
 
-def sample_grid(geometry: ConvGeometry, dtype) -> tuple[jax.Array, jax.Array]:
-  """Undeformed sample coordinates, broadcastable to ``[Ho, Wo, kh, kw]``."""
+def sample_grid(geometry: ConvGeometry, dtype, row_start: int | jax.Array = 0
+                ) -> tuple[jax.Array, jax.Array]:
+  """Undeformed sample coordinates, broadcastable to ``[Ho, Wo, kh, kw]``, of output rows
+  ``row_start`` to ``row_start + Ho`` (``row_start`` may be traced)."""
   (ho, wo), (kh, kw) = geometry.out_size, geometry.kernel_size
   (sh, sw), (dh, dw) = geometry.strides, geometry.dilation
   (ph, _), (pw, _) = geometry.padding
-  h = (jnp.arange(ho) * sh - ph)[:, None, None, None] + (jnp.arange(kh) * dh)[None, None, :, None]
+  rows = jnp.arange(ho) + row_start  # integers: the coordinates are exact before the cast
+  h = (rows * sh - ph)[:, None, None, None] + (jnp.arange(kh) * dh)[None, None, :, None]
   w = (jnp.arange(wo) * sw - pw)[None, :, None, None] + (jnp.arange(kw) * dw)[None, None, None, :]
   return h.astype(dtype), w.astype(dtype)
 
 
-def bilinear_plan(h: jax.Array, w: jax.Array, mask: jax.Array | None, size: tuple[int, int]
-                  ) -> tuple[jax.Array, jax.Array]:
-  """Corner indices into the 1-padded, flattened image and their weights.
+def bilinear_plan(h: jax.Array, w: jax.Array, mask: jax.Array | None, size: tuple[int, int],
+                  *, padded: bool = True) -> tuple[jax.Array, jax.Array]:
+  """Corner indices into the flattened image (1-padded, or as it is) and their weights.
 
   Args:
     h, w: sample coordinates (any shape ``S``) in the unpadded image.
     mask: modulation broadcastable to ``S``, or None.
     size: ``(H, W)`` of the unpadded image.
+    padded: index the 1-padded image (``(H + 2) * (W + 2)`` rows, every index in range);
+      otherwise the unpadded image (``H * W`` rows), where a corner outside the image or of a
+      dropped sample gets the out-of-range index ``H * W`` (read as 0 by a ``"fill"`` gather,
+      skipped by a ``"drop"`` scatter).
 
   Returns:
     ``index`` int32 ``S + [4]`` (corners (h0, w0), (h0, w0+1), (h0+1, w0), (h0+1, w0+1)) and
@@ -56,9 +67,20 @@ def bilinear_plan(h: jax.Array, w: jax.Array, mask: jax.Array | None, size: tupl
   scale = valid.astype(h.dtype) if mask is None else jnp.where(valid, mask.astype(h.dtype), 0)
   hh, hw = (1 - lh) * scale, lh * scale
   weight = jnp.stack([hh * (1 - lw), hh * lw, hw * (1 - lw), hw * lw], axis=-1)
-  # int32 is wide enough: indices address one padded image, (H + 2) * (W + 2) < 2**31.
-  top_left = (h0.astype(jnp.int32) + 1) * (width + 2) + (w0.astype(jnp.int32) + 1)
-  index = jnp.stack([top_left, top_left + 1, top_left + width + 2, top_left + width + 3], -1)
+  # int32 is wide enough: indices address one image's pixels, (H + 2) * (W + 2) < 2**31.
+  row, col = h0.astype(jnp.int32), w0.astype(jnp.int32)
+  if padded:
+    top_left = (row + 1) * (width + 2) + (col + 1)
+    index = jnp.stack([top_left, top_left + 1, top_left + width + 2, top_left + width + 3], -1)
+    return index, weight
+  def corner(r, c):
+    inside = valid & (r >= 0) & (r < height) & (c >= 0) & (c < width)
+    return jnp.where(inside, r * width + c, height * width)
+
+  # The stack last: XLA computes the index array in one fusion and the gather reads it (with the
+  # bounds tests after the stack, they fused into the gather, recomputed for every channel).
+  index = jnp.stack([corner(row, col), corner(row, col + 1), corner(row + 1, col),
+                     corner(row + 1, col + 1)], -1)
   return index, weight
 
 
@@ -68,75 +90,92 @@ _BWD_CHUNK_ELEMENTS = 2**18
 
 @jax.custom_vjp
 def gather_columns(image: jax.Array, index: jax.Array, weight: jax.Array) -> jax.Array:
-  """``out[n, p, g] = sum_q weight[n, p, g, q] * image[n, index[n, p, g, q], g]``.
+  """``out[n, p] = sum_q weight[n, p, q] * image[n, index[n, p, q]]``, 0 for an index out of range.
 
   Args:
-    image: ``[N, L, G, Cg]`` flattened padded image, channels split into offset groups.
-    index: ``[N, P, G, 4]`` int32 rows of ``image``.
-    weight: ``[N, P, G, 4]`` weights in the compute dtype.
+    image: ``[N, R, Cg]`` rows of channel vectors.
+    index: ``[N, P, 4]`` int32 rows of ``image``; ``R`` or more reads 0 and gets no gradient.
+    weight: ``[N, P, 4]`` weights in the compute dtype.
 
   Returns:
-    ``[N, P, G, Cg]`` in ``image.dtype`` (accumulated in ``weight.dtype``).
+    ``[N, P, Cg]`` in ``image.dtype`` (accumulated in ``weight.dtype``).
   """
   return _gather_columns(image, index, weight)
 
 
-def _per_image_and_group(fn):
-  """vmaps ``fn(image [L, Cg], index [P, 4], ...)`` over the batch and offset-group axes."""
-  over_groups = jax.vmap(fn, in_axes=1, out_axes=1)
-  return jax.vmap(over_groups)
+def _read(img: jax.Array, idx: jax.Array) -> jax.Array:
+  return img.at[idx].get(mode="fill", fill_value=0, indices_are_sorted=False,
+                         unique_indices=False)
 
 
 def _gather_columns(image, index, weight):
   def one(img, idx, wts):
-    acc = sum(img[idx[:, q]] * wts[:, q, None] for q in range(4))
+    acc = sum(_read(img, idx[:, q]) * wts[:, q, None] for q in range(4))
     return acc.astype(img.dtype)
-  return _per_image_and_group(one)(image, index, weight)
+  return jax.vmap(one)(image, index, weight)
 
 
 def _gather_columns_fwd(image, index, weight):
   return _gather_columns(image, index, weight), (image, index, weight)
 
 
-def _gather_columns_bwd(residuals, cotangent):
-  image, index, weight = residuals
-  acc_dtype = weight.dtype
-  n, p, groups, channels = cotangent.shape
+def gather_columns_backward(grad_image: jax.Array, image: jax.Array, index: jax.Array,
+                            weight: jax.Array, cotangent: jax.Array
+                            ) -> tuple[jax.Array, jax.Array]:
+  """The VJP of :func:`gather_columns`, its image gradient added into ``grad_image``.
 
-  def one(img, idx, wts, g):
+  Args:
+    grad_image: ``[N, R, Cg]`` in ``weight.dtype``, the sum so far (updated in place).
+    image, index, weight: the arguments of :func:`gather_columns`.
+    cotangent: ``[N, P, Cg]``.
+
+  Returns:
+    ``grad_image`` plus this call's image gradient, and the weight gradient ``[N, P, 4]`` in
+    ``weight.dtype``.
+  """
+  acc_dtype = weight.dtype
+  n, p, channels = cotangent.shape
+
+  def one(grad_img, img, idx, wts, g):
     # HIGHEST: a reduction inside the sampling's gradient, never a TF32 matmul on a GPU.
     grad_weight = jnp.stack(
-        [jnp.einsum("pc,pc->p", img[idx[:, q]], g, preferred_element_type=acc_dtype,
+        [jnp.einsum("pc,pc->p", _read(img, idx[:, q]), g, preferred_element_type=acc_dtype,
                     precision=lax.Precision.HIGHEST)
          for q in range(4)], axis=-1)
     g = g.astype(acc_dtype)
-    updates = jnp.zeros(img.shape, acc_dtype)
     for q in range(4):
-      updates = updates.at[idx[:, q]].add(g * wts[:, q, None], indices_are_sorted=False,
-                                          unique_indices=False)
-    return updates, grad_weight
+      grad_img = grad_img.at[idx[:, q]].add(g * wts[:, q, None], mode="drop",
+                                            indices_are_sorted=False, unique_indices=False)
+    return grad_img, grad_weight
 
   # Positions in chunks: every temporary of the backward is a chunk's worth, not [N, P, ...]
   # four times over (XLA:CPU allocates temporaries per call; past ~32 MB they cost page faults).
-  chunk = max(1, min(p, _BWD_CHUNK_ELEMENTS // max(1, n * groups * channels)))
+  chunk = max(1, min(p, _BWD_CHUNK_ELEMENTS // max(1, n * channels)))
   # A chunk that divides P (down to half the largest) spares padding the cotangent, a copy as
   # large as the columns.
   chunk = next((d for d in range(chunk, chunk // 2, -1) if p % d == 0), chunk)
   chunks = -(-p // chunk)
   pad = chunks * chunk - p
   if pad:  # padding rows have zero weight and a zero cotangent: they add nothing.
-    index = jnp.pad(index, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    weight = jnp.pad(weight, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    cotangent = jnp.pad(cotangent, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    index = jnp.pad(index, ((0, 0), (0, pad), (0, 0)))
+    weight = jnp.pad(weight, ((0, 0), (0, pad), (0, 0)))
+    cotangent = jnp.pad(cotangent, ((0, 0), (0, pad), (0, 0)))
 
   def step(grad_image, i):
     sl = lambda a: lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)
-    updates, grad_weight = _per_image_and_group(one)(image, sl(index), sl(weight), sl(cotangent))
-    return grad_image + updates, grad_weight
+    return jax.vmap(one)(grad_image, image, sl(index), sl(weight), sl(cotangent))
 
-  grad_image = jnp.zeros_like(image, dtype=acc_dtype)  # keeps the image's (batch) sharding
+  # The scatters add into the loop's carry in place.
   grad_image, grad_weight = lax.scan(step, grad_image, jnp.arange(chunks))
-  grad_weight = jnp.moveaxis(grad_weight, 0, 1).reshape(n, chunks * chunk, groups, 4)[:, :p]
+  grad_weight = jnp.moveaxis(grad_weight, 0, 1).reshape(n, chunks * chunk, 4)[:, :p]
+  return grad_image, grad_weight
+
+
+def _gather_columns_bwd(residuals, cotangent):
+  image, index, weight = residuals
+  # zeros_like keeps the image's (batch) sharding.
+  grad_image, grad_weight = gather_columns_backward(
+      jnp.zeros_like(image, dtype=weight.dtype), image, index, weight, cotangent)
   return grad_image.astype(image.dtype), None, grad_weight.astype(weight.dtype)
 
 
@@ -144,11 +183,13 @@ gather_columns.defvjp(_gather_columns_fwd, _gather_columns_bwd)
 
 
 def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
-                  geometry: ConvGeometry) -> jax.Array:
+                  geometry: ConvGeometry, row_start: int | jax.Array = 0) -> jax.Array:
   """Deformable im2col: ``[N, H, W, C]`` -> columns ``[N, Ho, Wo, kh * kw, C]``.
 
   ``offsets`` is ``[N, Ho, Wo, G * kh * kw * 2]`` in (g, i, j, (dy, dx)) order and ``mask``
   ``[N, Ho, Wo, G * kh * kw]`` or None; all three share one floating dtype. Columns are in that dtype.
+  ``row_start`` (an int or a traced int32 scalar) moves the ``Ho`` output rows of ``geometry``
+  down by that many rows: they are rows ``row_start`` to ``row_start + Ho`` of its convolution.
   """
   # Every reshape here splits or merges a single group of non-batch axes: the form that explicit
   # sharding propagates without being told, so a batch-sharded call stays batch-sharded.
@@ -158,17 +199,17 @@ def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
 
   # [N, Ho, Wo, G, kh, kw] -> [N, Ho, Wo, kh, kw, G]: the column order, groups innermost.
   off = jnp.moveaxis(offsets.reshape(n, ho, wo, groups, kh, kw, 2).astype(cdt), 3, 5)
-  base_h, base_w = sample_grid(geometry, cdt)
+  base_h, base_w = sample_grid(geometry, cdt, row_start)
   h = base_h[..., None] + off[..., 0]
   w = base_w[..., None] + off[..., 1]
   if mask is not None:
     mask = jnp.moveaxis(mask.reshape(n, ho, wo, groups, kh, kw), 3, 5)
-  index, weight = bilinear_plan(h, w, mask, (height, width))
+  index, weight = bilinear_plan(h, w, mask, (height, width), padded=False)
   p = ho * wo * kh * kw
-  index, weight = index.reshape(n, p, groups, 4), weight.reshape(n, p, groups, 4)
-
-  padded = jnp.pad(inputs, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  image = padded.reshape(n, (height + 2) * (width + 2), channels)
-  image = image.reshape(n, (height + 2) * (width + 2), groups, channels // groups)
+  # Offset groups fold into the rows: image row l * G + g holds group g's channels of pixel l.
+  cg = channels // groups
+  index = index * groups + jnp.arange(groups, dtype=index.dtype)[:, None]
+  index, weight = index.reshape(n, p * groups, 4), weight.reshape(n, p * groups, 4)
+  image = inputs.reshape(n, height * width, channels).reshape(n, height * width * groups, cg)
   columns = gather_columns(image, index, weight).reshape(n, p, channels)
   return columns.reshape(n, ho, wo, kh * kw, channels)

@@ -45,10 +45,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from flaxdcn._geometry import MsDeformAttnGeometry, compute_dtype
-from flaxdcn.ops._xla_conv import _per_image_and_group, bilinear_plan
+from flaxdcn.ops._xla_conv import bilinear_plan
 
 #: Gathered elements (``queries x M x K x D`` over the batch) per chunk of :func:`gather_sum`.
 _CHUNK_ELEMENTS = 2**19
+
+
+def _per_image_and_head(fn):
+  """vmaps ``fn(image [R, D], index [Q, K], ...)`` over the batch and head axes."""
+  return jax.vmap(jax.vmap(fn, in_axes=1, out_axes=1))
 
 
 def padded_levels(value: jax.Array, geometry: MsDeformAttnGeometry) -> jax.Array:
@@ -139,7 +144,7 @@ def _gather_sum(image, index, weight):
   chunk, count, (index, weight) = _chunks(index, image, weight)
 
   def step(carry, i):
-    return carry, _per_image_and_group(one)(image, _slice(index, i, chunk),
+    return carry, _per_image_and_head(one)(image, _slice(index, i, chunk),
                                             _slice(weight, i, chunk))
 
   _, out = lax.scan(step, None, jnp.arange(count))
@@ -166,7 +171,7 @@ def _gather_sum_bwd(residuals, cotangent):
   chunk, count, (index, weight, cotangent) = _chunks(index, image, weight, cotangent)
 
   def step(grad_image, i):
-    return _per_image_and_group(one)(grad_image, image, _slice(index, i, chunk),
+    return _per_image_and_head(one)(grad_image, image, _slice(index, i, chunk),
                                      _slice(weight, i, chunk), _slice(cotangent, i, chunk))
 
   # The scatter adds into the loop's carry in place; zeros_like keeps the image's sharding.

@@ -94,8 +94,12 @@ def deform_conv2d(
   band's columns within ``COLUMNS_BUDGET_BYTES`` (64 MiB) of this module; the backward keeps
   only the arguments, recomputes each band's columns and takes that band's kernel gradient and
   column cotangent at once (their sum within the same budget). A call whose columns fit the
-  budget is one band. A band holds at least one output row of every image, so one row of the
-  batch larger than the budget exceeds it; under ``jax.vmap`` the budget holds per member.
+  budget is one band. Bands are of equal height; where the height does not divide ``Ho``, the
+  last band ends at the last row and recomputes a few rows of the band before it, which count
+  once. The bands run in a loop, so the compiled program holds one band's sampling (the jnp
+  path) or one native call per band, whatever the image size. A band holds at least one output
+  row of every image, so one row of the batch larger than the budget exceeds it; under
+  ``jax.vmap`` the budget holds per member.
 
   Returns:
     ``[N, Ho, Wo, O]`` in the promoted dtype of the array arguments. Sampling coordinates and
@@ -129,12 +133,35 @@ def deform_conv2d(
     precision = tuple(precision)
   plan = _Plan(geometry, feature_group_count, precision, implementation,
                bool(deterministic_backward),
-               forward_bands=_row_bands(ho, row_bytes, COLUMNS_BUDGET_BYTES),
-               backward_bands=_row_bands(ho, 2 * row_bytes, COLUMNS_BUDGET_BYTES))
+               forward=_row_bands(ho, row_bytes, COLUMNS_BUDGET_BYTES),
+               backward=_row_bands(ho, 2 * row_bytes, COLUMNS_BUDGET_BYTES))
   out = _chunked_conv(plan, inputs, offsets, mask, kernel)
   if bias is not None:
     out = out + jnp.asarray(bias, dtype)
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Bands:
+  """The output rows ``[0, rows)`` in ``count`` bands of ``height`` rows each. Band ``i`` starts
+  at row ``min(i * height, rows - height)``: where ``height`` does not divide ``rows``, the last
+  band ends at the last row and repeats rows of the band before it."""
+  rows: int
+  height: int
+
+  @property
+  def count(self) -> int:
+    return -(-self.rows // self.height)
+
+  @property
+  def overlap(self) -> bool:
+    return self.rows % self.height != 0
+
+  def start(self, i: int | jax.Array) -> int | jax.Array:
+    """The first row of band ``i`` (an int, or traced in a loop over the bands)."""
+    if isinstance(i, int):
+      return min(i * self.height, self.rows - self.height)
+    return jnp.minimum(i * self.height, self.rows - self.height)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,17 +172,20 @@ class _Plan:
   precision: PrecisionLike
   implementation: str | None
   deterministic_backward: bool
-  #: ``(start, stop)`` output rows of each chunk, in order, covering ``[0, Ho)``.
-  forward_bands: tuple[tuple[int, int], ...]
-  backward_bands: tuple[tuple[int, int], ...]
+  forward: _Bands
+  backward: _Bands
 
 
-def _row_bands(rows: int, row_bytes: int, budget: int) -> tuple[tuple[int, int], ...]:
-  """The fewest bands of about equal height (the last may be smaller) whose ``row_bytes`` per row
-  fit ``budget``; at least one row per band."""
-  count = -(-rows // max(1, budget // max(1, row_bytes)))
-  height = -(-rows // count)
-  return tuple((start, min(rows, start + height)) for start in range(0, rows, height))
+def _row_bands(rows: int, row_bytes: int, budget: int) -> _Bands:
+  """Bands whose ``row_bytes`` per row fit ``budget`` (at least one row each), as tall as that
+  allows unless a band up to half as tall repeats fewer rows: the tallest height whose repeated
+  rows are at most a sixteenth of ``rows``, else the one that repeats fewest."""
+  most = max(1, min(rows, budget // max(1, row_bytes)))
+  heights = range(most, (most - 1) // 2, -1)
+  repeated = lambda h: -(-rows // h) * h - rows
+  height = next((h for h in heights if repeated(h) <= rows // 16),
+                min(heights, key=lambda h: (repeated(h), -h)))
+  return _Bands(rows, height)
 
 
 def _band_geometry(geometry: ConvGeometry, start: int, stop: int) -> ConvGeometry:
@@ -166,52 +196,66 @@ def _band_geometry(geometry: ConvGeometry, start: int, stop: int) -> ConvGeometr
                              padding=((lo - start * geometry.strides[0], hi), cols))
 
 
-def _rows(a: jax.Array | None, start: int, stop: int, rows: int) -> jax.Array | None:
-  """``a[:, start:stop]`` (a itself when that is every row): a slice of a non-batch axis, which
-  keeps a batch-sharded array on its devices."""
-  return a if a is None or (start, stop) == (0, rows) else a[:, start:stop]
+def _band_columns(plan: _Plan, bands: _Bands, i, inputs, offsets, mask) -> jax.Array:
+  """Columns of band ``i`` (an int, or traced in a loop over the bands), from that band's rows of
+  ``offsets`` and ``mask``. The jnp sampling takes the band's first row as a traced value, so a
+  loop compiles one band; a native call's geometry is static, so the loop switches over one call
+  per band. ``implementation=None`` decides by platform when the program is lowered."""
+  h = bands.height
+
+  def xla(inputs, offsets, mask):
+    return _xla_conv.deform_im2col(inputs, offsets, mask, _band_geometry(plan.geometry, 0, h),
+                                   row_start=bands.start(i))
+
+  def native(inputs, offsets, mask):
+    calls = [functools.partial(deform_im2col, geometry=_band_geometry(plan.geometry, s, s + h),
+                               implementation=plan.implementation,
+                               deterministic_backward=plan.deterministic_backward)
+             for s in map(bands.start, range(bands.count))]
+    if isinstance(i, int):
+      return calls[i](inputs, offsets, mask)
+    return lax.switch(i, calls, inputs, offsets, mask)
+
+  if plan.implementation == "xla":
+    return xla(inputs, offsets, mask)
+  if plan.implementation == "ffi" or isinstance(i, int):
+    return native(inputs, offsets, mask)
+  return lax.platform_dependent(inputs, offsets, mask, default=xla,
+                                **{p: native for p in _ffi.platforms()})
 
 
-def _band(plan: _Plan, start: int, stop: int):
-  """``(inputs, offsets rows, mask rows, kernel) -> output rows [start, stop)``."""
-  geometry = _band_geometry(plan.geometry, start, stop)
-
-  def fn(inputs, offsets, mask, kernel):
-    columns = deform_im2col(inputs, offsets, mask, geometry, implementation=plan.implementation,
-                            deterministic_backward=plan.deterministic_backward)
-    return columns_matmul(columns, kernel, plan.feature_groups, plan.precision)
-
-  return fn
+def _band_rows(a: jax.Array | None, bands: _Bands, i) -> jax.Array | None:
+  """Band ``i``'s rows of ``a`` (``[N, Ho, ...]``): a slice of a non-batch axis, which keeps a
+  batch-sharded array on its devices."""
+  if a is None or bands.count == 1:
+    return a
+  return lax.dynamic_slice_in_dim(a, bands.start(i), bands.height, axis=1)
 
 
-def _band_loop(bands, branch, carry):
-  """``carry = branch(start, stop)(carry)`` for every band in order, in a loop: XLA runs one
-  band at a time, so no two bands' columns are ever alive together (ops of unrolled bands could
-  be scheduled side by side). A single band is a plain call."""
-  if len(bands) == 1:
-    return branch(*bands[0])(carry)
-  branches = [branch(start, stop) for start, stop in bands]
-  return lax.fori_loop(0, len(bands), lambda i, c: lax.switch(i, branches, c), carry)
+def _band_conv(plan: _Plan, bands: _Bands, i, inputs, offsets, mask, kernel) -> jax.Array:
+  """Output rows of band ``i``, from that band's rows of ``offsets`` and ``mask``."""
+  columns = _band_columns(plan, bands, i, inputs, offsets, mask)
+  return columns_matmul(columns, kernel, plan.feature_groups, plan.precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _chunked_conv(plan: _Plan, inputs, offsets, mask, kernel) -> jax.Array:
   """The convolution without bias, one band of output rows at a time."""
-  rows = plan.geometry.out_size[0]
-  if len(plan.forward_bands) == 1:
-    return _band(plan, 0, rows)(inputs, offsets, mask, kernel)
+  bands = plan.forward
+  if bands.count == 1:
+    return _band_conv(plan, bands, 0, inputs, offsets, mask, kernel)
 
-  def branch(start, stop):
-    def fn(out):
-      y = _band(plan, start, stop)(inputs, _rows(offsets, start, stop, rows),
-                                   _rows(mask, start, stop, rows), kernel)
-      return lax.dynamic_update_slice_in_dim(out, y, start, axis=1)
-    return fn
+  # One band per loop step: XLA runs them one after another, so no two bands' columns are ever
+  # alive together (ops of unrolled bands could be scheduled side by side).
+  def step(i, out):
+    y = _band_conv(plan, bands, i, inputs, _band_rows(offsets, bands, i),
+                   _band_rows(mask, bands, i), kernel)
+    return lax.dynamic_update_slice_in_dim(out, y, bands.start(i), 1)
 
   # Zeros shaped [N, Ho, Wo, O] that keep the offsets' batch sharding.
   out = jnp.broadcast_to(jnp.zeros_like(offsets[..., :1], inputs.dtype),
                          (*offsets.shape[:3], kernel.shape[-1]))
-  return _band_loop(plan.forward_bands, branch, out)
+  return lax.fori_loop(0, bands.count, step, out)
 
 
 def _chunked_conv_fwd(plan, inputs, offsets, mask, kernel):
@@ -223,27 +267,36 @@ def _chunked_conv_bwd(plan, residuals, grad):
   """Per band: recompute its columns, and from them and the band's cotangent its kernel gradient
   and column cotangent, which the sampling's own VJP scatters to the arguments at once."""
   inputs, offsets, mask, kernel = residuals
-  rows = plan.geometry.out_size[0]
-  if len(plan.backward_bands) == 1:
-    _, vjp = jax.vjp(_band(plan, 0, rows), inputs, offsets, mask, kernel)
+  bands = plan.backward
+  if bands.count == 1:
+    _, vjp = jax.vjp(functools.partial(_band_conv, plan, bands, 0), inputs, offsets, mask, kernel)
     return vjp(grad)
   acc = compute_dtype(inputs.dtype)
 
-  def branch(start, stop):
-    def fn(carry):
-      grad_inputs, grad_kernel, grad_offsets, grad_mask = carry
-      _, vjp = jax.vjp(_band(plan, start, stop), inputs, _rows(offsets, start, stop, rows),
-                       _rows(mask, start, stop, rows), kernel)
-      g_inputs, g_offsets, g_mask, g_kernel = vjp(_rows(grad, start, stop, rows))
-      put = lambda a, g: None if a is None else lax.dynamic_update_slice_in_dim(a, g, start, 1)
-      return (grad_inputs + g_inputs.astype(acc), grad_kernel + g_kernel.astype(acc),
-              put(grad_offsets, g_offsets), put(grad_mask, g_mask))
-    return fn
+  def step(i, carry):
+    grad_inputs, grad_kernel, grad_offsets, grad_mask = carry
+    start = bands.start(i)
+    g = _band_rows(grad, bands, i)
+    if bands.overlap:  # rows that the band before this one already took count once
+      fresh = start + jnp.arange(bands.height) >= i * bands.height
+      g = jnp.where(fresh[:, None, None], g, jnp.zeros((), g.dtype))
+    _, vjp = jax.vjp(functools.partial(_band_conv, plan, bands, i), inputs,
+                     _band_rows(offsets, bands, i), _band_rows(mask, bands, i), kernel)
+    g_inputs, g_offsets, g_mask, g_kernel = vjp(g)
+
+    # A repeated row's gradients from this band are zeros: adding keeps the earlier band's.
+    def add_rows(a, g):
+      if a is None:
+        return None
+      rows = lax.dynamic_slice_in_dim(a, start, bands.height, axis=1)
+      return lax.dynamic_update_slice_in_dim(a, rows + g, start, 1)
+
+    return (grad_inputs + g_inputs.astype(acc), grad_kernel + g_kernel.astype(acc),
+            add_rows(grad_offsets, g_offsets), add_rows(grad_mask, g_mask))
 
   carry = (jnp.zeros_like(inputs, acc), jnp.zeros_like(kernel, acc), jnp.zeros_like(offsets),
            None if mask is None else jnp.zeros_like(mask))
-  grad_inputs, grad_kernel, grad_offsets, grad_mask = _band_loop(plan.backward_bands, branch,
-                                                                 carry)
+  grad_inputs, grad_kernel, grad_offsets, grad_mask = lax.fori_loop(0, bands.count, step, carry)
   return (grad_inputs.astype(inputs.dtype), grad_offsets, grad_mask,
           grad_kernel.astype(kernel.dtype))
 

@@ -3,9 +3,9 @@
 Two algorithms, both pure jnp, both built on the bilinear plan of :mod:`flaxdcn.ops._xla_conv`
 (same boundary rule as DCN sampling, read here in kernel space):
 
-* one kernel per image (global offsets ``[N, K * 2]``): resample the scope once per image with
-  :func:`~flaxdcn.ops._xla_conv.gather_columns`, then one batched GEMM of the plain im2col columns
-  with the per-image kernels (a plain ``kh x kw`` convolution's cost);
+* one kernel per image (global offsets ``[N, K * 2]``): resample the scope once per image (a
+  product with the dense bilinear weights ``beta``), then one batched GEMM of the plain im2col
+  columns with the per-image kernels (a plain ``kh x kw`` convolution's cost);
 * one kernel per output position (local offsets ``[N, Ho, Wo, K * 2]``): kernel sampling is linear
   in the scope ``W``, so ``O_j = sum_s (sum_k beta[j, s, k] I_{j+k}) W_s``. The im2col columns are
   scattered into scope slots with the dense bilinear weights ``beta`` and contracted with the
