@@ -210,6 +210,7 @@ def deform_im2col(inputs: jax.Array, offsets: jax.Array, mask: jax.Array | None,
   cg = channels // groups
   index = index * groups + jnp.arange(groups, dtype=index.dtype)[:, None]
   index, weight = index.reshape(n, p * groups, 4), weight.reshape(n, p * groups, 4)
-  image = inputs.reshape(n, height * width, channels).reshape(n, height * width * groups, cg)
-  columns = gather_columns(image, index, weight).reshape(n, p, channels)
+  image = (inputs.reshape(n, height * width, channels).reshape(n, height * width, groups, cg)
+           .reshape(n, height * width * groups, cg))
+  columns = gather_columns(image, index, weight).reshape(n, p, groups, cg).reshape(n, p, channels)
   return columns.reshape(n, ho, wo, kh * kw, channels)
