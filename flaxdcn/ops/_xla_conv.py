@@ -73,6 +73,7 @@ def bilinear_plan(h: jax.Array, w: jax.Array, mask: jax.Array | None, size: tupl
     top_left = (row + 1) * (width + 2) + (col + 1)
     index = jnp.stack([top_left, top_left + 1, top_left + width + 2, top_left + width + 3], -1)
     return index, weight
+
   def corner(r, c):
     inside = valid & (r >= 0) & (r < height) & (c >= 0) & (c < width)
     return jnp.where(inside, r * width + c, height * width)
@@ -119,20 +120,8 @@ def _gather_columns_fwd(image, index, weight):
   return _gather_columns(image, index, weight), (image, index, weight)
 
 
-def gather_columns_backward(grad_image: jax.Array, image: jax.Array, index: jax.Array,
-                            weight: jax.Array, cotangent: jax.Array
-                            ) -> tuple[jax.Array, jax.Array]:
-  """The VJP of :func:`gather_columns`, its image gradient added into ``grad_image``.
-
-  Args:
-    grad_image: ``[N, R, Cg]`` in ``weight.dtype``, the sum so far (updated in place).
-    image, index, weight: the arguments of :func:`gather_columns`.
-    cotangent: ``[N, P, Cg]``.
-
-  Returns:
-    ``grad_image`` plus this call's image gradient, and the weight gradient ``[N, P, 4]`` in
-    ``weight.dtype``.
-  """
+def _gather_columns_bwd(residuals, cotangent):
+  image, index, weight = residuals
   acc_dtype = weight.dtype
   n, p, channels = cotangent.shape
 
@@ -165,17 +154,10 @@ def gather_columns_backward(grad_image: jax.Array, image: jax.Array, index: jax.
     sl = lambda a: lax.dynamic_slice_in_dim(a, i * chunk, chunk, axis=1)
     return jax.vmap(one)(grad_image, image, sl(index), sl(weight), sl(cotangent))
 
-  # The scatters add into the loop's carry in place.
+  # The scatters add into the loop's carry in place; zeros_like keeps the image's sharding.
+  grad_image = jnp.zeros_like(image, dtype=acc_dtype)
   grad_image, grad_weight = lax.scan(step, grad_image, jnp.arange(chunks))
   grad_weight = jnp.moveaxis(grad_weight, 0, 1).reshape(n, chunks * chunk, 4)[:, :p]
-  return grad_image, grad_weight
-
-
-def _gather_columns_bwd(residuals, cotangent):
-  image, index, weight = residuals
-  # zeros_like keeps the image's (batch) sharding.
-  grad_image, grad_weight = gather_columns_backward(
-      jnp.zeros_like(image, dtype=weight.dtype), image, index, weight, cotangent)
   return grad_image.astype(image.dtype), None, grad_weight.astype(weight.dtype)
 
 

@@ -145,7 +145,7 @@ def _gather_sum(image, index, weight):
 
   def step(carry, i):
     return carry, _per_image_and_head(one)(image, _slice(index, i, chunk),
-                                            _slice(weight, i, chunk))
+                                           _slice(weight, i, chunk))
 
   _, out = lax.scan(step, None, jnp.arange(count))
   # [count, N, chunk, M, D] -> [N, count * chunk, M, D]: the chunk axis merges with the queries.
@@ -172,7 +172,7 @@ def _gather_sum_bwd(residuals, cotangent):
 
   def step(grad_image, i):
     return _per_image_and_head(one)(grad_image, image, _slice(index, i, chunk),
-                                     _slice(weight, i, chunk), _slice(cotangent, i, chunk))
+                                    _slice(weight, i, chunk), _slice(cotangent, i, chunk))
 
   # The scatter adds into the loop's carry in place; zeros_like keeps the image's sharding.
   grad_image = jnp.zeros_like(image, dtype=acc)
