@@ -19,8 +19,6 @@ scope, multi-scale deformable attention's levels).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
