@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import flaxdcn
-from flaxdcn import _ffi
 import reference as ref
+from flaxdcn import _ffi
 from flaxdcn.ops import deform_conv
 from reference import Case
 from tolerances import assert_close
@@ -32,12 +32,17 @@ CASES = [
 NAMES = ("inputs", "offsets", "kernel", "mask", "bias")
 
 
+def _bands_of_height(monkeypatch, height):
+  """Every call traced from now on runs in bands of ``height`` rows, forward and backward."""
+  monkeypatch.setattr(deform_conv, "_row_bands", lambda rows, *_: deform_conv._Bands(rows, height))
+
+
 def _grads(case, args, implementation, budget, monkeypatch, height=None):
   """Value and gradients of every argument under ``budget`` bytes of columns per band (or in
   bands of ``height`` rows, forward and backward)."""
   monkeypatch.setattr(deform_conv, "COLUMNS_BUDGET_BYTES", budget)
   if height is not None:
-    monkeypatch.setattr(deform_conv, "_row_bands", lambda rows, *_: deform_conv._Bands(rows, height))
+    _bands_of_height(monkeypatch, height)
   op = functools.partial(flaxdcn.deform_conv2d, **case.kwargs(), implementation=implementation)
   cotangent = jnp.asarray(np.random.RandomState(3).normal(size=(case.n, *case.out_size, case.o)),
                           args["inputs"].dtype)
@@ -201,7 +206,7 @@ def test_jnp_loop_compiles_one_band_and_default_is_native_in_jit_portable_in_exp
     return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
 
   def hlo(implementation, height):
-    monkeypatch.setattr(deform_conv, "_row_bands", lambda rows, *_: deform_conv._Bands(rows, height))
+    _bands_of_height(monkeypatch, height)
     return jax.jit(grad_fn(implementation)).lower(*args).compile().as_text()
 
   three, nine = hlo("xla", 3), hlo("xla", 1)
