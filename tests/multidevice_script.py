@@ -14,7 +14,9 @@ output row per band (the loop over bands of ``deform_conv2d``, forward and backw
   equal the unsharded ones (and the loop reference);
 * ``pmap`` of the forward and of ``jax.grad``: values equal the unsharded ones;
 * explicit sharding (``jax.make_mesh`` with ``AxisType.Explicit``, under ``jax.set_mesh``): the op,
-  its gradient and both modules trace, keep the batch sharding and equal the unsharded values.
+  its gradient and both modules trace, keep the batch sharding and equal the unsharded values;
+* under explicit sharding the column budget holds per device's shard: a budget that one shard's
+  forward and backward columns fit is one band there, and more than one for the whole batch.
 """
 
 import functools
@@ -66,8 +68,43 @@ def main(implementation: str) -> None:
   assert jax.device_count() == DEVICES, jax.devices()
   # Every check twice: one band, and one band per output row (the loop over bands, bwd included).
   _main(implementation)
+  _check_explicit_budget_per_shard(implementation)
   deform_conv.COLUMNS_BUDGET_BYTES = 1
   _main(implementation)
+
+
+def _check_explicit_budget_per_shard(implementation: str) -> None:
+  """The bands of the forward and the backward, by the batch that one device holds."""
+  chosen = []
+  row_bands = deform_conv._row_bands
+
+  def record(*args):
+    chosen.append(row_bands(*args))
+    return chosen[-1]
+
+  op = functools.partial(flaxdcn.deform_conv2d, **CASE.kwargs(), implementation=implementation)
+  grad = jax.grad(lambda *a: jnp.sum(op(*a) ** 2), argnums=(0, 1, 2))
+  np_args = ref.make_args(CASE, seed=0, smooth=True)
+  args = [jnp.asarray(np_args[k], jnp.float32) for k in NAMES]
+  ho, wo = CASE.out_size
+  shard_columns = (CASE.n // DEVICES) * ho * wo * CASE.kernel[0] * CASE.kernel[1] * CASE.c * 4
+  budget = deform_conv.COLUMNS_BUDGET_BYTES
+  deform_conv._row_bands, deform_conv.COLUMNS_BUDGET_BYTES = record, 2 * shard_columns
+  try:
+    jax.make_jaxpr(grad)(*args)
+    assert all(b.count > 1 for b in chosen), (
+        f"{implementation}: unsharded, the budget should need bands: {chosen}")
+    chosen.clear()
+    mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+      batch, replicated = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
+      sharded = [jax.device_put(a, batch if k in BATCHED else replicated)
+                 for k, a in zip(NAMES, args)]
+      jax.jit(grad).lower(*sharded)
+    assert len(chosen) == 2 and all(b.count == 1 for b in chosen), (
+        f"{implementation}: explicit sharding, one shard's columns fit the budget: {chosen}")
+  finally:
+    deform_conv._row_bands, deform_conv.COLUMNS_BUDGET_BYTES = row_bands, budget
 
 
 def _main(implementation: str) -> None:

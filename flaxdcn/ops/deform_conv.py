@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +100,8 @@ def deform_conv2d(
   once. The bands run in a loop, so the compiled program holds one band's sampling (the jnp
   path) or one native call per band, whatever the image size. A band holds at least one output
   row of every image, so one row of the batch larger than the budget exceeds it; under
-  ``jax.vmap`` the budget holds per member.
+  ``jax.vmap`` the budget holds per member, and under explicit sharding per device's shard of
+  the batch.
 
   Returns:
     ``[N, Ho, Wo, O]`` in the promoted dtype of the array arguments. Sampling coordinates and
@@ -128,7 +130,8 @@ def deform_conv2d(
 
   inputs, offsets, kernel = (jnp.asarray(a, dtype) for a in (inputs, offsets, kernel))
   mask = None if mask is None else jnp.asarray(mask, dtype)
-  row_bytes = n * wo * geometry.num_kernel_points * inputs.shape[-1] * jnp.dtype(dtype).itemsize
+  row_bytes = (_shard_batch(inputs) * wo * geometry.num_kernel_points * inputs.shape[-1]
+               * jnp.dtype(dtype).itemsize)
   if isinstance(precision, list):  # the plan is hashable
     precision = tuple(precision)
   plan = _Plan(geometry, feature_group_count, precision, implementation,
@@ -139,6 +142,18 @@ def deform_conv2d(
   if bias is not None:
     out = out + jnp.asarray(bias, dtype)
   return out
+
+
+def _shard_batch(inputs: jax.Array) -> int:
+  """The batch of one device's shard: the batch divided by the mesh axes that explicit sharding
+  puts on it. Under auto sharding the partitioner splits it after tracing, unseen here, and under
+  ``shard_map`` or ``pmap`` the shape is already one device's."""
+  sharding = jax.typeof(inputs).sharding
+  axes = sharding.spec[0] if len(sharding.spec) else None
+  if axes is None:
+    return inputs.shape[0]
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  return -(-inputs.shape[0] // math.prod(sharding.mesh.shape[a] for a in axes))
 
 
 @dataclasses.dataclass(frozen=True)
