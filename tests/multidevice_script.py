@@ -92,7 +92,7 @@ def _check_explicit_budget_per_shard(implementation: str) -> None:
   deform_conv._row_bands, deform_conv.COLUMNS_BUDGET_BYTES = record, 2 * shard_columns
   try:
     jax.make_jaxpr(grad)(*args)
-    assert all(b.count > 1 for b in chosen), (
+    assert len(chosen) == 2 and all(b.count > 1 for b in chosen), (
         f"{implementation}: unsharded, the budget should need bands: {chosen}")
     chosen.clear()
     mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
